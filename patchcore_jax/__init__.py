@@ -1,0 +1,25 @@
+"""PatchCore anomaly detection in JAX: the numerics contract's functions, jit-compiled."""
+
+from patchcore_jax import metrics
+from patchcore_jax.aggregate import aggregate_patches
+from patchcore_jax.coreset import greedy_coreset, random_projection
+from patchcore_jax.neighbors import BankIndex, approximate_nearest_neighbors, build_index, nearest_neighbors, search
+from patchcore_jax.scoring import image_scores, image_scores_from_index
+from patchcore_jax.segmentation import anomaly_maps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BankIndex",
+    "aggregate_patches",
+    "anomaly_maps",
+    "approximate_nearest_neighbors",
+    "build_index",
+    "greedy_coreset",
+    "image_scores",
+    "image_scores_from_index",
+    "metrics",
+    "nearest_neighbors",
+    "random_projection",
+    "search",
+]

@@ -1,0 +1,76 @@
+"""Patch and image anomaly scores (paper Eq. 6 and Eq. 7), on a prepared bank, vmapped over images."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from patchcore_jax import neighbors
+from reference import _checks
+
+
+def _reweighted(m_test, s_star, m_star, hood_idx, rows, num_neighbors):
+    """Eq. 7 for one image: `(1 - softmax(||m_test* - m||, m in N_b(m*))[m*]) * s*`.
+
+    `hood_idx` are the `b` rows nearest to `m*` as searched; `m*` is put first.
+    """
+    # DECISION: N_b(m*) is m* followed by the b - 1 rows nearest to it, even if the bank holds copies
+    # of m* at lower indices; a stable sort on (not m*) keeps the search's order otherwise.
+    cand = jnp.concatenate([m_star[None], hood_idx])
+    is_dup = jnp.concatenate([jnp.array([False]), hood_idx == m_star])
+    order = jnp.argsort(is_dup, stable=True)[:num_neighbors]
+    hood = cand[order]
+    dists = jnp.sqrt(jnp.sum(jnp.square(rows[hood] - m_test[None, :]), axis=1))
+    weight = 1.0 - jax.nn.softmax(dists)[0]
+    return weight * s_star
+
+
+@functools.partial(jax.jit, static_argnames=("num_neighbors", "query_block"))
+def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, query_block):
+    b, p, d = patch_features.shape
+    dist, idx = neighbors._search(index, patch_features.reshape(b * p, d), k=1, query_block=query_block)
+    patch_scores = dist[:, 0].reshape(b, p)
+    nearest = idx[:, 0].reshape(b, p)
+    # Eq. 6: the patch farthest from the bank; argmax keeps the lowest index among ties.
+    worst = jnp.argmax(patch_scores, axis=1)
+    s_star = jnp.take_along_axis(patch_scores, worst[:, None], 1)[:, 0]
+    if num_neighbors == 1:
+        # DECISION: b = 1 means no reweighting (Eq. 7 would give 0), the published image score.
+        return s_star, patch_scores
+    m_star = jnp.take_along_axis(nearest, worst[:, None], 1)[:, 0]
+    m_test = jnp.take_along_axis(patch_features, worst[:, None, None], 1)[:, 0].astype(index.rows.dtype) - index.centre
+    _, hood = neighbors._search(index, index.rows[m_star] + index.centre, k=num_neighbors, query_block=min(query_block, b))
+    scores = jax.vmap(_reweighted, in_axes=(0, 0, 0, 0, None, None))(m_test, s_star, m_star, hood, index.rows, num_neighbors)
+    return scores, patch_scores
+
+
+def image_scores_from_index(
+    index: neighbors.BankIndex, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = 256
+) -> tuple[jax.Array, jax.Array]:
+    """`image_scores` on a bank prepared once with `neighbors.build_index` (the model's path)."""
+    b, p, d = _checks.check_array("patch_features", patch_features, ndim=3)
+    if d != index.rows.shape[1]:
+        raise ValueError(f"patch_features: expected shape (B, P, {index.rows.shape[1]}) to match the bank, got {(b, p, d)}")
+    num_neighbors = _checks.check_int("num_neighbors", num_neighbors, low=1, high=index.size)
+    query_block = min(_checks.check_int("query_block", query_block, low=1), b * p)
+    return _image_scores(index, jnp.asarray(patch_features), num_neighbors=num_neighbors, query_block=query_block)
+
+
+def image_scores(bank: jax.Array, patch_features: jax.Array, *, num_neighbors: int = 9) -> tuple[jax.Array, jax.Array]:
+    """Image scores `s` (Eq. 7) and patch scores (Eq. 6's inner min).
+
+    Args:
+      bank: `(N, D)` memory bank.
+      patch_features: `(B, P, D)` test patch features.
+      num_neighbors: b, the size of `N_b(m*)`; 1 gives `s = s*` (the published code's image score).
+    Returns:
+      image scores `(B,)`; patch scores `(B, P)`, each patch's distance to its nearest bank row.
+    """
+    n, d = _checks.check_array("bank", bank, ndim=2)
+    b, p, dp = _checks.check_array("patch_features", patch_features, ndim=3)
+    if dp != d:
+        raise ValueError(f"patch_features: expected shape (B, P, {d}) to match bank (N, {d}), got {(b, p, dp)}")
+    _checks.check_int("num_neighbors", num_neighbors, low=1, high=n)
+    return image_scores_from_index(neighbors.build_index(bank), patch_features, num_neighbors=num_neighbors)
