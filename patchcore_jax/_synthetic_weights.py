@@ -1,0 +1,44 @@
+"""Deterministic, non-trivial ResNet weights under torchvision's key names, drawn from NumPy.
+
+Each tensor comes from its own generator seeded by `(seed, crc32(key))`, so any subset of keys (a
+truncated model) gets the same values as the full set. BatchNorm statistics are deliberately far from
+the identity (means, variances and affine terms all drawn), so agreement tests exercise them.
+Used by the backbone tests and by `scripts/make_backbone_golden.py`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Mapping
+
+import numpy as np
+
+
+def draw(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """`{key: array}` in torch layouts (convolutions OIHW) for every key of `shapes`."""
+    out = {}
+    for key, shape in shapes.items():
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        if key.endswith(".weight") and len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            value = rng.normal(size=shape) * np.sqrt(1.0 / fan_in)
+        elif key.endswith(".weight") and len(shape) == 2:  # fc
+            value = rng.normal(size=shape) * np.sqrt(1.0 / shape[1])
+        elif key.endswith("running_var"):
+            value = rng.uniform(0.5, 2.0, size=shape)
+        elif key.endswith("running_mean"):
+            value = rng.normal(size=shape) * 0.2
+        elif key.endswith(".weight"):  # BatchNorm scale
+            value = rng.uniform(0.5, 1.5, size=shape)
+        elif key.endswith("num_batches_tracked"):
+            out[key] = np.array(1000, dtype=np.int64)
+            continue
+        else:  # biases
+            value = rng.normal(size=shape) * 0.1
+        out[key] = value.astype(np.float32)
+    return out
+
+
+def golden_input(seed: int, shape=(2, 64, 64, 3)) -> np.ndarray:
+    """The fixture's NHWC input images."""
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)

@@ -1,0 +1,121 @@
+"""Reading torchvision/timm ResNet state dicts and mapping them onto the Flax modules.
+
+Formats: `.safetensors` through `safetensors.numpy` (no torch needed), or `.pth`/`.pt` through
+`torch.load(weights_only=True)` when torch is installed (never a plain unpickle). Layouts are mapped
+OIHW -> HWIO for convolutions; BatchNorm `weight, bias, running_mean, running_var` -> `scale, bias,
+mean, var`. Keys of stages the extractor does not compute (deeper layers, `fc`) are accepted and
+ignored; anything else that does not fit is reported at once: missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+from flax import nnx
+
+_BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a state dict into NumPy arrays; raises ValueError naming the file on any problem."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such weights file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the weights file is empty")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+    elif path.endswith((".pth", ".pt", ".bin")):
+        state = _read_torch(path)
+    else:
+        raise ValueError(f"{path}: expected a .safetensors or .pth state dict")
+    if not state or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return {_strip_prefix(k): v for k, v in state.items()}
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(
+            f"{path}: reading .pth needs torch (pip install torch); or convert it once on a machine with "
+            "torch: patchcore-jax convert-weights IN.pth OUT.safetensors"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or unsafe files
+        raise ValueError(f"{path}: not a loadable state dict (truncated, corrupt, or not weights-only): {err}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a mapping of names to tensors (a state dict)")
+    return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
+def expected_keys(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """torchvision key -> torch-layout shape, for every parameter and statistic of `model`."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        names = [str(p) for p in path]
+        leaf, prefix = names[-1], ".".join(names[:-1])
+        shape = tuple(var.get_value().shape)
+        if leaf == "kernel":
+            out[f"{prefix}.weight"] = (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
+        else:
+            torch_name = {v: k for k, v in _BN_NAMES.items()}[leaf]
+            out[f"{prefix}.{torch_name}"] = shape
+    return out
+
+
+def _ignorable(key: str, model: nnx.Module) -> bool:
+    """Keys of stages the truncated model does not compute, and BatchNorm's step counters."""
+    if key.endswith("num_batches_tracked") or key.startswith("fc."):
+        return True
+    head = key.split(".", 1)[0]
+    return head.startswith("layer") and not hasattr(model, head)
+
+
+def load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *, arch: str = "model") -> None:
+    """Copies a torchvision-named state dict into `model` in place, or raises ValueError listing
+    every missing, unexpected and mis-shaped key."""
+    want = expected_keys(model)
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(k for k in set(state) - set(want) if not _ignorable(k, model))
+    misshaped = sorted(f"{k}: {tuple(state[k].shape)} != {want[k]}" for k in set(want) & set(state)
+                       if tuple(state[k].shape) != want[k])
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
+        raise ValueError(f"weights do not fit {arch}: " + "; ".join(parts))
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        names = [str(p) for p in path]
+        leaf, prefix = names[-1], ".".join(names[:-1])
+        if leaf == "kernel":
+            value = np.transpose(state[f"{prefix}.weight"], (2, 3, 1, 0))  # OIHW -> HWIO
+        else:
+            value = state[f"{prefix}.{ {v: k for k, v in _BN_NAMES.items()}[leaf] }"]
+        var.set_value(np.asarray(value, dtype=np.float32).astype(var.get_value().dtype))
+    nnx.update(model, nnx.state(model))
+
+
+def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Writes a state dict as `.safetensors` (contiguous arrays; the format the reader prefers)."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.fspath(path))
