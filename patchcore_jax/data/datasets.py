@@ -1,0 +1,247 @@
+"""Readers for the paper's data sets, from the user's own copies (nothing is downloaded).
+
+Each reader turns a folder into categories of `Sample`s; `FolderSplit` loads them at the published
+geometry; `patchcore_jax.data.tfds_builders` writes the same arrays to TFDS array_record files. Both
+give records `{image (S, S, 3) uint8, mask (S, S) float32 in [0, 1], label, kind, name}` with
+`S = resize`: the shorter side resized to `resize` (PIL bilinear, as torchvision's Resize on PIL
+images), then a centred square crop; the model's own centre crop (224) follows. A centre crop of a
+centre crop is the centre crop, so this equals the published Resize(256) + CenterCrop(224).
+Masks take the same geometry (bilinear, as the published code resizes them) and are binarised at 0.5
+after the final crop (`preprocess_masks`).
+
+Layouts:
+  MVTec AD: <cat>/train/good/*.png, <cat>/test/<defect|good>/*.png,
+            <cat>/ground_truth/<defect>/<name>_mask.png (0/255).
+  MTD:      MT_<Kind>/Imgs/<name>.jpg with <name>.png masks; MT_Free holds the defect-free tiles, 20% of
+            which (fixed seed) are held out for testing.
+  mSTC:     training/frames/<scene>_<clip>/<n>.jpg (extracted frames), testing/frames/<scene>_<clip>/<n>.jpg,
+            testing/test_frame_mask/<scene>_<clip>.npy (T,), testing/test_pixel_mask/<scene>_<clip>.npy
+            (T, H, W); every 5th frame; frames squashed to 256 x 256 (the mSTC protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from patchcore_jax.data.images import IMAGE_SUFFIXES
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
+    "toothbrush", "transistor", "wood", "zipper",
+)
+MSTC_SCENES = tuple(f"{i:02d}" for i in range(1, 13))
+DATASETS = ("mvtec", "mtd", "mstc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One image of a split. `mask` is a mask image path, an `.npy` stack (with `mask_index`), or
+    None (all good)."""
+
+    image: str
+    label: int
+    kind: str
+    name: str
+    mask: str | None = None
+    mask_index: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Category:
+    name: str
+    train: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+    squash: bool = False  # resize to a square ignoring the aspect (mSTC) instead of shorter side + crop
+
+
+def _images_in(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: missing folder")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    return [os.path.join(folder, f) for f in files]
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def mvtec(root: str, categories=None) -> list[Category]:
+    """MVTec AD categories under `root` (all that are present, or the named ones)."""
+    if not os.path.isdir(root):
+        raise ValueError(f"{root}: missing folder (expected MVTec AD's category folders)")
+    if categories is None:
+        categories = [c for c in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, c, "train", "good"))]
+        if not categories:
+            raise ValueError(f"{root}: no MVTec AD category (a folder with train/good) found")
+    out = []
+    for cat in categories:
+        base = os.path.join(root, cat)
+        train = [Sample(p, 0, "good", f"train/good/{_stem(p)}") for p in _images_in(os.path.join(base, "train", "good"))]
+        if not train:
+            raise ValueError(f"{os.path.join(base, 'train', 'good')}: no training images")
+        test_root = os.path.join(base, "test")
+        if not os.path.isdir(test_root):
+            raise ValueError(f"{test_root}: missing folder")
+        test = []
+        for defect in sorted(os.listdir(test_root)):
+            for p in _images_in(os.path.join(test_root, defect)):
+                if defect == "good":
+                    test.append(Sample(p, 0, "good", f"test/good/{_stem(p)}"))
+                    continue
+                mask = os.path.join(base, "ground_truth", defect, f"{_stem(p)}_mask.png")
+                if not os.path.isfile(mask):
+                    raise ValueError(f"{p}: test image without its mask (expected {mask})")
+                test.append(Sample(p, 1, defect, f"test/{defect}/{_stem(p)}", mask))
+        if not test:
+            raise ValueError(f"{test_root}: no test images")
+        out.append(Category(cat, tuple(train), tuple(test)))
+    return out
+
+
+def mtd(root: str, *, seed: int = 0, holdout: float = 0.2) -> list[Category]:
+    """Magnetic Tile Defects as one category: 80% of MT_Free for training, 20% and all defects for testing."""
+    free_dir = os.path.join(root, "MT_Free", "Imgs")
+    free = [p for p in _images_in(free_dir) if p.lower().endswith((".jpg", ".jpeg"))]
+    if not free:
+        raise ValueError(f"{free_dir}: no defect-free .jpg tiles")
+    order = np.random.default_rng(seed).permutation(len(free))
+    n_test = int(round(holdout * len(free)))
+    test_idx, train_idx = set(order[:n_test].tolist()), order[n_test:]
+    train = tuple(Sample(free[i], 0, "good", f"MT_Free/{_stem(free[i])}") for i in sorted(train_idx))
+    test = [Sample(free[i], 0, "good", f"MT_Free/{_stem(free[i])}") for i in sorted(test_idx)]
+    kinds = sorted(d for d in os.listdir(root) if d.startswith("MT_") and d != "MT_Free")
+    for kind in kinds:
+        imgs = os.path.join(root, kind, "Imgs")
+        for p in _images_in(imgs):
+            if not p.lower().endswith((".jpg", ".jpeg")):
+                continue
+            mask = os.path.join(imgs, f"{_stem(p)}.png")
+            if not os.path.isfile(mask):
+                raise ValueError(f"{p}: test image without its mask (expected {mask})")
+            test.append(Sample(p, 1, kind[3:].lower(), f"{kind}/{_stem(p)}", mask))
+    return [Category("magnetic_tile", train, tuple(test))]
+
+
+def _frames(folder: str, step: int) -> list[tuple[int, str]]:
+    frames = []
+    for p in _images_in(folder):
+        if re.fullmatch(r"\d+", _stem(p)):
+            frames.append((int(_stem(p)), p))
+    frames.sort()
+    return frames[::step]
+
+
+def mstc(root: str, scenes=None, *, step: int = 5) -> list[Category]:
+    """ShanghaiTech Campus, every `step`-th frame, one category per scene."""
+    train_root = os.path.join(root, "training", "frames")
+    test_root = os.path.join(root, "testing", "frames")
+    for d in (train_root, test_root):
+        if not os.path.isdir(d):
+            raise ValueError(f"{d}: missing folder (training clips must be extracted to frames)")
+    clips = lambda d: sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))  # noqa: E731
+    present = sorted({c.split("_")[0] for c in clips(train_root) + clips(test_root)})
+    scenes = present if scenes is None else list(scenes)
+    out = []
+    for scene in scenes:
+        train = [Sample(p, 0, "good", f"train/{c}/{n}") for c in clips(train_root) if c.split("_")[0] == scene
+                 for n, p in _frames(os.path.join(train_root, c), step)]
+        test = []
+        for c in (c for c in clips(test_root) if c.split("_")[0] == scene):
+            labels_file = os.path.join(root, "testing", "test_frame_mask", f"{c}.npy")
+            pixels_file = os.path.join(root, "testing", "test_pixel_mask", f"{c}.npy")
+            for f in (labels_file, pixels_file):
+                if not os.path.isfile(f):
+                    raise ValueError(f"{os.path.join(test_root, c)}: test clip without {f}")
+            labels = _load_npy(labels_file)
+            for n, p in _frames(os.path.join(test_root, c), step):
+                if n >= len(labels):
+                    raise ValueError(f"{p}: frame {n} has no label in {labels_file} ({len(labels)} frames)")
+                label = int(labels[n] > 0)
+                test.append(Sample(p, label, "anomaly" if label else "good", f"test/{c}/{n}", pixels_file, n))
+        if not train or not test:
+            raise ValueError(f"{root}: scene {scene} needs training and test frames")
+        out.append(Category(scene, tuple(train), tuple(test), squash=True))
+    return out
+
+
+def load_categories(dataset: str, root: str, categories=None) -> list[Category]:
+    if dataset == "mvtec":
+        return mvtec(root, categories)
+    if dataset == "mtd":
+        cats = mtd(root)
+        return [c for c in cats if categories is None or c.name in categories]
+    if dataset == "mstc":
+        return mstc(root, categories)
+    raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npy array ({err})") from None
+
+
+def _geometry(im: Image.Image, size: int, squash: bool) -> Image.Image:
+    w, h = im.size
+    if squash:
+        return im.resize((size, size), Image.BILINEAR) if (w, h) != (size, size) else im
+    if h <= w:
+        nh, nw = size, int(size * w / h)
+    else:
+        nh, nw = int(size * h / w), size
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def load_sample(sample: Sample, *, size: int, squash: bool = False) -> dict:
+    """The record of one sample at the data geometry (see the module docstring)."""
+    if os.path.isfile(sample.image) and os.path.getsize(sample.image) == 0:
+        raise ValueError(f"{sample.image}: empty file")
+    try:
+        with Image.open(sample.image) as im:
+            original = im.size
+            image = np.asarray(_geometry(im.convert("RGB"), size, squash))
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{sample.image}: not a readable image ({err})") from None
+    if sample.mask is None:
+        mask = np.zeros((size, size), np.float32)
+    else:
+        if sample.mask.endswith(".npy"):
+            stack = _load_npy(sample.mask)
+            if stack.ndim != 3 or sample.mask_index >= len(stack):
+                raise ValueError(f"{sample.mask}: expected (T, H, W) masks with frame {sample.mask_index}, got shape {stack.shape}")
+            raw = (stack[sample.mask_index] > 0).astype(np.float32)
+        else:
+            if os.path.isfile(sample.mask) and os.path.getsize(sample.mask) == 0:
+                raise ValueError(f"{sample.mask}: empty file")
+            try:
+                with Image.open(sample.mask) as m:
+                    raw = (np.asarray(m.convert("L")) > 127).astype(np.float32)
+            except (UnidentifiedImageError, OSError, SyntaxError) as err:
+                raise ValueError(f"{sample.mask}: not a readable mask image ({err})") from None
+        if raw.shape[::-1] != original:
+            raise ValueError(f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {sample.image} is "
+                             f"{original[0]}x{original[1]}")
+        mask = np.asarray(_geometry(Image.fromarray(raw), size, squash), np.float32)
+    return {"image": image, "mask": mask, "label": sample.label, "kind": sample.kind, "name": sample.name}
+
+
+class FolderSplit:
+    """Random access to a list of samples, loaded from files on demand."""
+
+    def __init__(self, samples, *, size: int, squash: bool = False):
+        self.samples, self.size, self.squash = tuple(samples), size, squash
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return load_sample(self.samples[i], size=self.size, squash=self.squash)
