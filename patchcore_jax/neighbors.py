@@ -97,11 +97,14 @@ def _search_block(queries, index: BankIndex, k_out: int):
         return _merge_topk(best_d, best_i, -new_neg, new_pos.astype(jnp.int32) + offset, k), None
 
     init = (jnp.full((queries.shape[0], k), jnp.inf, q_sq.dtype),
-            jnp.zeros((queries.shape[0], k), jnp.int32))
+            jnp.full((queries.shape[0], k), -1, jnp.int32))
     offsets = jnp.arange(n_blocks, dtype=jnp.int32) * index.block
     (_, idx), _ = jax.lax.scan(scan_body, init, (rows, norms, offsets))
     # Exact distances of the chosen rows, then a final ordering by them (ties: lower index first).
     dist = jnp.sqrt(jnp.sum(jnp.square(index.rows[idx] - queries[:, None, :]), axis=-1))
+    # Padding rows (infinite norm) and unfilled slots (-1) only surface when a shard of a sharded bank
+    # holds fewer real rows than k; they sort last.
+    dist = jnp.where((idx < 0) | jnp.isinf(index.sq_norms[idx]), jnp.inf, dist)
     dist, idx = jax.lax.sort((dist, idx), dimension=1, num_keys=2)
     return dist[:, :k_out], idx[:, :k_out]
 

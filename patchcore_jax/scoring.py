@@ -27,10 +27,10 @@ def _reweighted(m_test, s_star, m_star, hood_idx, rows, num_neighbors):
     return weight * s_star
 
 
-@functools.partial(jax.jit, static_argnames=("num_neighbors", "query_block"))
-def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, query_block):
+def scores_from_search(index: neighbors.BankIndex, patch_features, search, *, num_neighbors):
+    """Eq. 6/7 for a batch, given `search(index, queries, k) -> (dist, idx)` (plain or sharded)."""
     b, p, d = patch_features.shape
-    dist, idx = neighbors._search(index, patch_features.reshape(b * p, d), k=1, query_block=query_block)
+    dist, idx = search(index, patch_features.reshape(b * p, d), 1)
     patch_scores = dist[:, 0].reshape(b, p)
     nearest = idx[:, 0].reshape(b, p)
     # Eq. 6: the patch farthest from the bank; argmax keeps the lowest index among ties.
@@ -41,9 +41,17 @@ def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, 
         return s_star, patch_scores
     m_star = jnp.take_along_axis(nearest, worst[:, None], 1)[:, 0]
     m_test = jnp.take_along_axis(patch_features, worst[:, None, None], 1)[:, 0].astype(index.rows.dtype) - index.centre
-    _, hood = neighbors._search(index, index.rows[m_star] + index.centre, k=num_neighbors, query_block=min(query_block, b))
+    _, hood = search(index, index.rows[m_star] + index.centre, num_neighbors)
     scores = jax.vmap(_reweighted, in_axes=(0, 0, 0, 0, None, None))(m_test, s_star, m_star, hood, index.rows, num_neighbors)
     return scores, patch_scores
+
+
+@functools.partial(jax.jit, static_argnames=("num_neighbors", "query_block"))
+def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, query_block):
+    def search(idx, queries, k):
+        return neighbors._search(idx, queries, k=k, query_block=min(query_block, queries.shape[0]))
+
+    return scores_from_search(index, patch_features, search, num_neighbors=num_neighbors)
 
 
 def image_scores_from_index(

@@ -1,0 +1,122 @@
+"""Multi-device agreement: 8 host devices (conftest sets XLA_FLAGS) and two processes on localhost."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from jax.sharding import PartitionSpec as P
+
+import patchcore_jax as pj
+from patchcore_jax import sharding
+from tests.helpers import assert_close, gaussian, x64
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh(jax.devices()[:8])
+
+
+@st.composite
+def cases(draw):
+    return dict(seed=draw(st.integers(0, 2**16)), n=draw(st.sampled_from([9, 64, 333])), d=draw(st.sampled_from([3, 16])),
+                projected=draw(st.booleans()), num=draw(st.sampled_from([1, 9])))
+
+
+@given(c=cases())
+def test_coreset_indices_equal_single_device_under_x64(c, mesh):
+    bank = gaussian(c["seed"], (c["n"], c["d"]), offset=2.0)
+    proj = np.asarray(pj.random_projection(c["seed"], c["d"], 2)) if c["projected"] else None
+    with x64():
+        proj = None if proj is None else proj.astype(np.float64)
+        want = np.asarray(pj.greedy_coreset(bank, c["num"], projection=proj, start_indices=(0, c["n"] - 1)))
+        got = np.asarray(sharding.greedy_coreset(bank, c["num"], projection=proj, start_indices=(0, c["n"] - 1), mesh=mesh))
+    np.testing.assert_array_equal(got, want)
+
+
+@given(c=cases())
+def test_coreset_float32_equals_single_device(c, mesh):
+    bank = gaussian(c["seed"], (c["n"], c["d"])).astype(np.float32)
+    proj = np.asarray(pj.random_projection(c["seed"], c["d"], 2)) if c["projected"] else None
+    want = np.asarray(pj.greedy_coreset(bank, c["num"], projection=proj))
+    got = np.asarray(sharding.greedy_coreset(bank, c["num"], projection=proj, mesh=mesh))
+    np.testing.assert_array_equal(got, want)
+
+
+@given(c=cases(), k=st.sampled_from([1, 4]))
+def test_search_and_scores_equal_single_device(c, k, mesh):
+    bank = gaussian(c["seed"], (c["n"], c["d"])).astype(np.float32)
+    queries = gaussian(c["seed"] + 1, (11, c["d"])).astype(np.float32)
+    k = min(k, c["n"])
+    want_d, want_i = pj.nearest_neighbors(bank, queries, k)
+    got_d, got_i = sharding.nearest_neighbors(bank, queries, k, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    assert_close(got_d, want_d)
+    feats = gaussian(c["seed"] + 2, (2, 7, c["d"])).astype(np.float32)
+    b = min(5, c["n"])
+    want_s, want_p = pj.image_scores(bank, feats, num_neighbors=b)
+    got_s, got_p = sharding.image_scores(bank, feats, num_neighbors=b, mesh=mesh)
+    assert_close(got_s, want_s)
+    assert_close(got_p, want_p)
+    with x64():
+        got_d, got_i = sharding.nearest_neighbors(bank.astype(np.float64), queries.astype(np.float64), k, mesh=mesh)
+        want_d, want_i = pj.nearest_neighbors(bank.astype(np.float64), queries.astype(np.float64), k)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+
+
+def test_bank_stays_sharded(mesh):
+    bank = gaussian(0, (1000, 8)).astype(np.float32)
+    index = sharding.build_index(bank, mesh)
+    assert index.rows.sharding.spec == P("rows")
+    assert {s.data.shape[0] for s in index.rows.addressable_shards} == {index.rows.shape[0] // 8}
+    sharded = sharding.shard_rows(bank, mesh)
+    assert sharding.shard_rows(sharded, mesh) is sharded  # an already sharded bank is used as it is
+
+
+def test_patchcore_with_a_mesh_matches_one_device(mesh):
+    from patchcore_jax.config import PatchCoreConfig
+    from patchcore_jax.data import make_synthetic
+    from patchcore_jax.model import PatchCore
+
+    data = make_synthetic(seed=3, n_train=5, n_test_good=2, n_test_defect=3, size=80, margin=16)
+    cfg = PatchCoreConfig(backbone="resnet18", resize=64, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3,
+                          batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = PatchCore(cfg, progress=False).fit(data["train"])
+        multi = PatchCore(cfg, progress=False, mesh=mesh).fit(data["train"])
+    np.testing.assert_allclose(np.asarray(multi.bank), np.asarray(single.bank), rtol=1e-5, atol=1e-5)
+    s1, m1 = single.predict(data["test"])
+    s2, m2 = multi.predict(data["test"])
+    assert_close(s2, s1)
+    assert_close(m2, m1)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_each_holding_half_the_bank():
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for r in results:
+        assert r["devices"] == 4 and r["local_rows"] == 200  # half of the 400 rows on each process
+        assert r["coreset_equal"] and r["indices_equal"]
+        assert r["max_dist_diff"] < 1e-5 and r["max_score_diff"] < 1e-5
