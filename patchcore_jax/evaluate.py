@@ -107,8 +107,12 @@ def run(args) -> int:
         overrides["crop"] = 256  # mSTC protocol: frames at 256 x 256, no crop
     cfg = _config_from_args(args, **overrides)
     if args.source == "tfds":
+        import tensorflow_datasets as tfds
+
         from patchcore_jax.data import tfds_builders
 
+        if args.quiet:
+            tfds.disable_progress_bar()
         if cfg.resize != tfds_builders.RESIZE:
             raise UsageError(f"--resize {cfg.resize}: TFDS preparations are stored at {tfds_builders.RESIZE}; use --source folder")
     categories = datasets.load_categories(args.dataset, args.root, args.categories)

@@ -1,0 +1,62 @@
+"""Greedy coreset: JAX (float32, bfloat16 store) vs the float64 reference vs a published-style torch
+loop, N = 20k and 100k rows of D = 1024, projection 128, 1% and 10%. Also the roofline: the rate at
+which the JAX loop reads the projected bank against this machine's copy bandwidth."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import patchcore_jax as pj
+import reference
+from bench.conftest import HAS_TORCH, gaussian, timed_jax, timed_once
+from patchcore_jax import coreset
+
+CASES = [(20_000, 0.01), (20_000, 0.10), (100_000, 0.01), (100_000, 0.10)]
+_banks = {}
+
+
+def bank(n):
+    if n not in _banks:
+        _banks.clear()
+        _banks[n] = gaussian(n, (n, 1024))
+    return _banks[n]
+
+
+def projection():
+    return np.asarray(pj.random_projection(0, 1024, 128))
+
+
+@pytest.mark.parametrize("n, frac", CASES, ids=[f"{n // 1000}k-{int(f * 100)}pct" for n, f in CASES])
+@pytest.mark.parametrize("store", ["float32", "bfloat16"])
+def test_jax(benchmark, n, frac, store, bandwidth):
+    benchmark.group = f"coreset {n // 1000}k {int(frac * 100)}%"
+    x = jnp.asarray(bank(n))
+    num = int(n * frac)
+    proj = jnp.asarray(projection())
+    timed_jax(benchmark, lambda: pj.greedy_coreset(x, num, projection=proj, start_indices=tuple(range(10)), store_dtype=store),
+              rounds=2, compiled=(coreset._run_steps, coreset._prepare))
+    per_step_bytes = n * 128 * (4 if store == "float32" else 2)
+    rate = per_step_bytes * num / benchmark.stats.stats.min / 1e9
+    benchmark.extra_info.update(read_gbps=round(rate, 1), copy_gbps=round(bandwidth, 1),
+                                roofline_ratio=round(rate / bandwidth, 2))
+
+
+@pytest.mark.parametrize("n, frac", [(20_000, 0.01), (20_000, 0.10), (100_000, 0.01)],
+                         ids=["20k-1pct", "20k-10pct", "100k-1pct"])
+def test_reference(benchmark, n, frac):
+    benchmark.group = f"coreset {n // 1000}k {int(frac * 100)}%"
+    timed_once(benchmark, lambda: reference.greedy_coreset(bank(n), int(n * frac), projection=projection(),
+                                                           start_indices=tuple(range(10))))
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+@pytest.mark.parametrize("n, frac", [(20_000, 0.01), (20_000, 0.10), (100_000, 0.01)],
+                         ids=["20k-1pct", "20k-10pct", "100k-1pct"])
+def test_published_style_torch(benchmark, n, frac):
+    import torch
+
+    from bench.published_torch import approximate_greedy_coreset
+
+    benchmark.group = f"coreset {n // 1000}k {int(frac * 100)}%"
+    feats = torch.from_numpy(bank(n))
+    timed_once(benchmark, lambda: approximate_greedy_coreset(feats, int(n * frac)))
