@@ -171,6 +171,8 @@ def cmd_predict(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         model = PatchCore.load(args.model, progress=not args.quiet)
+    if model.config.weights is None:
+        print(RANDOM_BACKBONE_NOTE, file=sys.stderr)
     paths = list_images(args.images)
     if not paths:
         raise UsageError(f"{' '.join(args.images)}: no images found")

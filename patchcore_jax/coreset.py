@@ -112,13 +112,7 @@ def greedy_coreset(
     Returns:
       `(num_samples,)` int32 indices into `bank`, in the order selected.
     """
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    num_samples = _checks.check_int("num_samples", num_samples, low=0, high=n)
-    starts = _checks.check_indices("start_indices", start_indices, n)
-    if projection is not None:
-        pd = _checks.check_array("projection", projection, ndim=2)
-        if pd[0] != d:
-            raise ValueError(f"projection: expected shape ({d}, P) to match bank (N, {d}), got {pd}")
+    _, num_samples, starts = _checks.check_coreset_args(bank, num_samples, projection, start_indices)
     bank = jnp.asarray(bank)
     if not jnp.issubdtype(bank.dtype, jnp.floating):
         bank = bank.astype(jnp.float32)

@@ -105,8 +105,17 @@ class PatchCore:
     """
 
     def __init__(self, config: PatchCoreConfig | None = None, *, progress: bool = True, mesh=None):
+        """`mesh`: None (one device), a `jax.sharding.Mesh` with one axis, or "all" for a mesh over
+        every device of every process; with a mesh the bank is row-sharded and extraction is
+        data-parallel."""
         self.config = config or PatchCoreConfig()
         self.progress = progress
+        if isinstance(mesh, str):
+            if mesh != "all":
+                raise ValueError(f"mesh: expected None, a Mesh or 'all', got {mesh!r}")
+            from patchcore_jax import sharding
+
+            mesh = sharding.make_mesh()
         self.mesh = mesh
         dtype = jnp.dtype(self.config.dtype)
         self._extract = backbone.feature_extractor(

@@ -122,13 +122,7 @@ def greedy_coreset(bank, num_samples: int, *, projection=None, start_indices=(0,
     (used as it is when its rows divide evenly, never gathered).
     """
     mesh = mesh or make_mesh()
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    num_samples = _checks.check_int("num_samples", num_samples, low=0, high=n)
-    starts = _checks.check_indices("start_indices", start_indices, n)
-    if projection is not None:
-        pd = _checks.check_array("projection", projection, ndim=2)
-        if pd[0] != d:
-            raise ValueError(f"projection: expected shape ({d}, P) to match bank (N, {d}), got {pd}")
+    n, num_samples, starts = _checks.check_coreset_args(bank, num_samples, projection, start_indices)
     dtype = bank.dtype if np.dtype(bank.dtype).kind == "f" else np.float32
     sharded = shard_rows(bank if np.dtype(bank.dtype) == dtype else np.asarray(bank, dtype), mesh)
     proj = None if projection is None else jnp.asarray(projection, dtype)

@@ -123,3 +123,15 @@ def check_out_size(out_size: Any) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"out_size: expected an int or a pair (H, W), got {out_size!r}") from None
     return (check_int("out_size[0]", h, low=1), check_int("out_size[1]", w, low=1))
+
+
+def check_coreset_args(bank: Any, num_samples: Any, projection: Any, start_indices: Any) -> tuple[int, int, tuple[int, ...]]:
+    """The shared checks of `greedy_coreset`; returns `(N, num_samples, start_indices)`."""
+    n, d = check_array("bank", bank, ndim=2)
+    num_samples = check_int("num_samples", num_samples, low=0, high=n)
+    starts = check_indices("start_indices", start_indices, n)
+    if projection is not None:
+        pd = check_array("projection", projection, ndim=2)
+        if pd[0] != d:
+            raise ValueError(f"projection: expected shape ({d}, P) to match bank (N, {d}), got {pd}")
+    return n, num_samples, starts

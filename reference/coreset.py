@@ -35,14 +35,9 @@ def greedy_coreset(
     Returns:
       `(num_samples,)` int64 indices into `bank`, in the order selected.
     """
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    num_samples = _checks.check_int("num_samples", num_samples, low=0, high=n)
-    starts = _checks.check_indices("start_indices", start_indices, n)
+    _, num_samples, starts = _checks.check_coreset_args(bank, num_samples, projection, start_indices)
     psi = np.asarray(bank, dtype=np.float64)
     if projection is not None:
-        pd = _checks.check_array("projection", projection, ndim=2)
-        if pd[0] != d:
-            raise ValueError(f"projection: expected shape ({d}, P) to match bank (N, {d}), got {pd}")
         psi = psi @ np.asarray(projection, dtype=np.float64)
 
     def dist_to(i: int) -> np.ndarray:

@@ -98,6 +98,10 @@ def test_patchcore_with_a_mesh_matches_one_device(mesh):
     s2, m2 = multi.predict(data["test"])
     assert_close(s2, s1)
     assert_close(m2, m1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        everywhere = PatchCore(cfg, progress=False, mesh="all")
+    assert everywhere.mesh.size == len(jax.devices())
 
 
 def _free_port():
