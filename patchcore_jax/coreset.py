@@ -1,10 +1,12 @@
 """Greedy coreset subsampling (paper Algorithm 1) as one compiled loop.
 
-The min-distance vector lives on the device for the whole loop (`lax.fori_loop`); each step is one
-pass over the projected bank (`||a||^2 - 2 a.b + ||b||^2`, clamped at 0 before the square root) with
-the squared norms computed once. Nothing `N x N` is built and the `N x D` bank is never copied:
-float32 cancellation is tamed by centring, which for a projection is applied to the `N x P` projected
-bank (centring commutes with the linear map) and without one is folded into the dot products.
+The min-distance vector lives on the device for the whole loop (`lax.fori_loop`). The dense loop makes
+one pass over the projected bank per step (`||a||^2 - 2 a.b + ||b||^2`, clamped at 0 before the square
+root, squared norms computed once); the lazy loop (the default) refreshes only the blocks of rows that
+can hold the next maximum, which selects the same rows while reading a few blocks per step. Nothing
+`N x N` is built and the `N x D` bank is never copied: float32 cancellation is tamed by centring the
+`N x P` projected bank (centring commutes with the linear map); without a projection, differences are
+formed inside a fused reduction and need no centring.
 """
 
 from __future__ import annotations
@@ -88,6 +90,91 @@ def _run_steps(min_dist, selected, first, stored, norms, *, num_steps):
     return jax.lax.fori_loop(first, first + num_steps, body, (min_dist, selected))
 
 
+# -- the lazy blocked loop ------------------------------------------------------------------------
+# Min-distances only ever decrease, so a stale value is an upper bound. The rows are kept in blocks;
+# each block remembers its largest (stale) min-distance and how many of the selected centres it has
+# absorbed. A step refreshes only the block holding the largest bound, absorbing its pending centres in
+# small matrix products, until the block with the largest bound is up to date: its maximum is then the
+# true global maximum (every other block's true maximum is at most its bound). Ties still go to the
+# lowest index: among equal bounds the lowest block is examined first. Each step thus reads one or a
+# few blocks instead of the whole projected bank.
+
+_LAZY_CHUNK = 32  # centres absorbed per matrix product
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "block"))
+def _lazy_prepare(psi, norms, min_dist, *, num_samples, block):
+    """Blocks `(n_blocks, block, P)` of the projected bank, their norms, and the loop state."""
+    n, p = psi.shape
+    n_blocks = -(-n // block)
+    pad = n_blocks * block - n
+    rows = jnp.pad(psi, ((0, pad), (0, 0))).reshape(n_blocks, block, p)
+    row_norms = jnp.pad(norms, (0, pad)).reshape(n_blocks, block)
+    # DECISION: padding rows carry -inf, so they are never selected.
+    dist = jnp.pad(min_dist, (0, pad), constant_values=-jnp.inf).reshape(n_blocks, block)
+    state = {
+        "dist": dist,
+        "bound": jnp.max(dist, axis=1),
+        "absorbed": jnp.zeros((n_blocks,), jnp.int32),
+        "selected": jnp.zeros((num_samples,), jnp.int32),
+        "centres": jnp.zeros((num_samples + _LAZY_CHUNK, p), psi.dtype),
+        "centre_norms": jnp.zeros((num_samples + _LAZY_CHUNK,), norms.dtype),
+    }
+    return rows, row_norms, state
+
+
+def _absorb_pending(state, b, t, rows, row_norms):
+    """Brings block `b` up to date with the centres selected at steps `absorbed[b] .. t - 1`."""
+    block_rows, block_norms, acc = rows[b], row_norms[b], row_norms.dtype
+    first = state["absorbed"][b]
+
+    def chunk_body(c, dist):
+        start = first + c * _LAZY_CHUNK
+        centres = jax.lax.dynamic_slice_in_dim(state["centres"], start, _LAZY_CHUNK)
+        centre_norms = jax.lax.dynamic_slice_in_dim(state["centre_norms"], start, _LAZY_CHUNK)
+        dots = jnp.dot(block_rows, centres.T, precision=_HIGHEST, preferred_element_type=acc)
+        sq = block_norms[:, None] - 2.0 * dots + centre_norms[None, :]
+        d = jnp.sqrt(jnp.maximum(sq, 0.0))  # DECISION: clamp before the square root
+        d = jnp.where((start + jnp.arange(_LAZY_CHUNK) < t)[None, :], d, jnp.inf)
+        return jnp.minimum(dist, jnp.min(d, axis=1))
+
+    n_chunks = (t - first + _LAZY_CHUNK - 1) // _LAZY_CHUNK
+    dist = jax.lax.fori_loop(0, n_chunks, chunk_body, state["dist"][b])
+    return {**state, "dist": state["dist"].at[b].set(dist), "bound": state["bound"].at[b].set(jnp.max(dist)),
+            "absorbed": state["absorbed"].at[b].set(t)}
+
+
+def _lazy_step(t, state, rows, row_norms):
+    """Algorithm 1's loop body, lazily: refresh the most promising blocks, then take the farthest row."""
+
+    def stale(state):
+        return state["absorbed"][jnp.argmax(state["bound"])] != t
+
+    def refresh(state):
+        return _absorb_pending(state, jnp.argmax(state["bound"]), t, rows, row_norms)
+
+    state = jax.lax.while_loop(stale, refresh, state)
+    # DECISION: argmax takes the lowest index among ties (lowest block, then lowest row in it); the
+    # chosen row carries -1 so it is never taken again (the argmax runs over M - M_C).
+    b = jnp.argmax(state["bound"])
+    j = jnp.argmax(state["dist"][b])
+    dist = state["dist"][b].at[j].set(-1.0)
+    return {
+        **state,
+        "dist": state["dist"].at[b].set(dist),
+        "bound": state["bound"].at[b].set(jnp.max(dist)),
+        "selected": state["selected"].at[t].set((b * rows.shape[1] + j).astype(jnp.int32)),
+        "centres": state["centres"].at[t].set(rows[b, j]),
+        "centre_norms": state["centre_norms"].at[t].set(row_norms[b, j]),
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnums=(0,))
+def _lazy_run(state, first, rows, row_norms, *, num_steps):
+    body = functools.partial(_lazy_step, rows=rows, row_norms=row_norms)
+    return jax.lax.fori_loop(first, first + num_steps, body, state)
+
+
 def greedy_coreset(
     bank: jax.Array,
     num_samples: int,
@@ -95,6 +182,8 @@ def greedy_coreset(
     projection: jax.Array | None = None,
     start_indices: Sequence[int] = (0,),
     store_dtype=None,
+    method: str = "lazy",
+    block: int = 1024,
     progress: Callable[[int], None] | None = None,
     chunk: int = 256,
 ) -> jax.Array:
@@ -105,8 +194,12 @@ def greedy_coreset(
       num_samples: coreset size, `0 <= num_samples <= N`.
       projection: `(D, P)` random projection psi, or None to measure in the full space.
       start_indices: rows whose mean distance initialises the min-distance vector.
-      store_dtype: dtype of the stored projected bank; `jnp.bfloat16` halves each step's memory
-        traffic at a small cost in covering radius (README). Default: the bank's float dtype.
+      store_dtype: dtype of the stored projected bank; `jnp.bfloat16` halves its memory at a small
+        cost in covering radius (README). Default: the bank's float dtype.
+      method: "lazy" (the default) refreshes only the blocks of `block` rows that can hold the next
+        maximum; "dense" reads the whole projected bank every step. Both select the same rows in exact
+        arithmetic (float rounding of the dot products may differ). Without a projection the dense
+        loop runs.
       progress: called with the number of steps done; the loop then runs in jitted chunks of `chunk`
         steps (still no host round trip inside a chunk). Without it, the whole loop is one call.
     Returns:
@@ -122,17 +215,34 @@ def greedy_coreset(
     if projection is None and store_dtype != bank.dtype:
         raise ValueError("store_dtype: only applies to a projected bank; pass a projection or leave it None")
     psi, norms, min_dist = _prepare(bank, projection, jnp.asarray(starts), store_dtype=store_dtype)
-    stored = bank if psi is None else psi
-    selected = jnp.zeros((num_samples,), jnp.int32)
+    if method not in ("lazy", "dense"):
+        raise ValueError(f"method: expected 'lazy' or 'dense', got {method!r}")
+    block = _checks.check_int("block", block, low=1)
     if num_samples == 0:
-        return selected
+        return jnp.zeros((0,), jnp.int32)
+    if method == "lazy" and psi is not None:
+        rows, row_norms, state = _lazy_prepare(psi, norms, min_dist, num_samples=num_samples, block=min(block, psi.shape[0]))
+
+        def run(state, done, steps):
+            return _lazy_run(state, done, rows, row_norms, num_steps=steps)
+
+        def result(state):
+            return state["selected"]
+    else:
+        stored = bank if psi is None else psi
+        state = (min_dist, jnp.zeros((num_samples,), jnp.int32))
+
+        def run(state, done, steps):
+            return _run_steps(*state, done, stored, norms, num_steps=steps)
+
+        def result(state):
+            return state[1]
     if progress is None:
-        return _run_steps(min_dist, selected, 0, stored, norms, num_steps=num_samples)[1]
-    state, done = (min_dist, selected), 0
+        return result(run(state, 0, num_samples))
+    done = 0
     while done < num_samples:
         steps = min(chunk, num_samples - done)
-        state = _run_steps(*state, done, stored, norms, num_steps=steps)
-        jax.block_until_ready(state)
+        state = jax.block_until_ready(run(state, done, steps))
         done += steps
         progress(done)
-    return state[1]
+    return result(state)

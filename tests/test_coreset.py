@@ -35,6 +35,7 @@ def coreset_cases(draw):
         num_samples=draw(st.sampled_from([1, 10, 30])),
         starts=tuple(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=4))),
         offset=draw(st.sampled_from([0.0, 10.0])),
+        block=draw(st.sampled_from([7, 32, 1024])),  # blocks of the lazy loop; 1024 = one block here
     )
 
 
@@ -50,7 +51,8 @@ def test_indices_equal_reference_under_x64(case):
     expected = reference.greedy_coreset(bank, case["num_samples"], projection=proj, start_indices=case["starts"])
     with x64():
         for how, got in both_ways(
-            patchcore_jax.greedy_coreset, bank, num_samples=case["num_samples"], projection=proj, start_indices=case["starts"]
+            patchcore_jax.greedy_coreset, bank, num_samples=case["num_samples"], projection=proj, start_indices=case["starts"],
+            block=case["block"],
         ):
             np.testing.assert_array_equal(np.asarray(got), expected, err_msg=how)
 
@@ -63,7 +65,7 @@ def test_float32_covering_radius_tracks_reference(case):
     proj32 = None if proj is None else proj.astype(np.float32)
     for how, got in both_ways(
         patchcore_jax.greedy_coreset, bank.astype(np.float32), num_samples=case["num_samples"], projection=proj32,
-        start_indices=case["starts"],
+        start_indices=case["starts"], block=case["block"],
     ):
         have = radius_after_each_step(bank, got, proj)
         np.testing.assert_allclose(have, want, rtol=1e-4, err_msg=how)
@@ -76,11 +78,14 @@ def test_invariants_on_arbitrary_banks(backend, bank):
     """Distinct indices (even with repeated rows); num_samples = N takes every row; the covering
     radius never grows as the coreset grows."""
     n = len(bank)
-    idx = np.asarray(backend.greedy_coreset(bank, n))
-    assert sorted(idx.tolist()) == list(range(n))
-    radii = radius_after_each_step(bank, idx)
-    assert np.all(np.diff(radii) <= 1e-9)
-    assert radii[-1] == 0.0
+    runs = [backend.greedy_coreset(bank, n)]
+    if backend is patchcore_jax:  # the lazy loop (an identity projection) in blocks of 2 rows
+        runs.append(backend.greedy_coreset(bank, n, projection=np.eye(bank.shape[1]), block=2))
+    for idx in map(np.asarray, runs):
+        assert sorted(idx.tolist()) == list(range(n))
+        radii = radius_after_each_step(bank, idx)
+        assert np.all(np.diff(radii) <= 1e-9)
+        assert radii[-1] == 0.0
 
 
 def test_fixed_example():
@@ -103,12 +108,30 @@ def test_far_from_origin_float32_is_centred():
     np.testing.assert_allclose(have, want, rtol=1e-4)
 
 
-def test_progress_chunks_give_the_same_indices():
+@pytest.mark.parametrize("projected", [False, True])
+def test_progress_chunks_give_the_same_indices(projected):
     bank = gaussian(1, (200, 6)).astype(np.float32)
+    proj = np.asarray(patchcore_jax.random_projection(1, 6, 3)) if projected else None
     seen = []
-    chunked = patchcore_jax.greedy_coreset(bank, 50, progress=seen.append, chunk=16)
-    np.testing.assert_array_equal(np.asarray(chunked), np.asarray(patchcore_jax.greedy_coreset(bank, 50)))
+    chunked = patchcore_jax.greedy_coreset(bank, 50, projection=proj, block=16, progress=seen.append, chunk=16)
+    whole = patchcore_jax.greedy_coreset(bank, 50, projection=proj, block=16)
+    np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
     assert seen == [16, 32, 48, 50]
+
+
+@given(seed=st.integers(0, 2**16), block=st.sampled_from([1, 5, 64]), num=st.sampled_from([1, 40, 150]))
+def test_lazy_loop_selects_what_the_dense_loop_selects(seed, block, num):
+    # In exact arithmetic the two loops are the same algorithm; x64 makes rounding differences vanish
+    # on continuous random data. Clustered rows make many blocks go stale at once.
+    centres = gaussian(seed, (5, 8)) * 4
+    bank = centres[np.random.default_rng(seed).integers(0, 5, 150)] + gaussian(seed + 1, (150, 8))
+    proj = gaussian(seed + 2, (8, 4))
+    with x64():
+        lazy = patchcore_jax.greedy_coreset(bank, num, projection=proj, start_indices=(0, 1, 2), block=block)
+        dense = patchcore_jax.greedy_coreset(bank, num, projection=proj, start_indices=(0, 1, 2), method="dense")
+        np.testing.assert_array_equal(np.asarray(lazy), np.asarray(dense))
+        np.testing.assert_array_equal(np.asarray(lazy), reference.greedy_coreset(bank, num, projection=proj,
+                                                                                 start_indices=(0, 1, 2)))
 
 
 def test_bfloat16_store_keeps_the_radius_close():
@@ -122,10 +145,14 @@ def test_bfloat16_store_keeps_the_radius_close():
 
 def test_repeated_calls_do_not_recompile():
     bank = gaussian(3, (64, 4)).astype(np.float32)
+    proj = np.asarray(patchcore_jax.random_projection(0, 4, 2))
+    jitted = (coreset._run_steps, coreset._prepare, coreset._lazy_prepare, coreset._lazy_run)
     patchcore_jax.greedy_coreset(bank, 8)
-    sizes = coreset._run_steps._cache_size(), coreset._prepare._cache_size()
+    patchcore_jax.greedy_coreset(bank, 8, projection=proj)
+    sizes = [f._cache_size() for f in jitted]
     patchcore_jax.greedy_coreset(bank + 1, 8)
-    assert (coreset._run_steps._cache_size(), coreset._prepare._cache_size()) == sizes
+    patchcore_jax.greedy_coreset(bank + 1, 8, projection=proj)
+    assert [f._cache_size() for f in jitted] == sizes
 
 
 def test_random_projection_shape_and_bounds():
@@ -154,3 +181,6 @@ def test_bad_input(backend):
         backend.greedy_coreset(bank, 1, start_indices=(7,))
     with pytest.raises(ValueError, match="start_indices"):
         backend.greedy_coreset(bank, 1, start_indices=())
+    if backend is patchcore_jax:
+        with pytest.raises(ValueError, match="method"):
+            backend.greedy_coreset(bank, 1, method="fast")
