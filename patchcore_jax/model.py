@@ -137,6 +137,11 @@ class PatchCore:
             ).astype(jnp.float32)
 
         self._embed_fn = embed
+        self._state = self._extract.state
+        if self.mesh is not None:
+            from patchcore_jax import sharding
+
+            self._state = sharding.replicate(self._state, self.mesh)  # once, not per batch
 
     # -- embedding ---------------------------------------------------------------------------------
     def embed(self, batch) -> jax.Array:
@@ -145,8 +150,8 @@ class PatchCore:
         if self.mesh is not None:
             from patchcore_jax import sharding
 
-            return sharding.embed_data_parallel(self._embed_fn, self._extract.state, x, self.mesh)
-        return self._embed_fn(self._extract.state, jnp.asarray(x))
+            return sharding.embed_data_parallel(self._embed_fn, self._state, x, self.mesh)
+        return self._embed_fn(self._state, jnp.asarray(x))
 
     def _bar(self, total, desc):
         return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False)

@@ -221,11 +221,14 @@ def _host_or_device(x):
 
 
 # -- data parallel embedding -------------------------------------------------------------------------
+def replicate(tree, mesh: Mesh):
+    """Places every array of `tree` (e.g. the backbone's state) on all devices of `mesh`, once."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
 def embed_data_parallel(embed_fn, state, images: np.ndarray, mesh: Mesh):
     """Runs the jitted `embed_fn(state, images)` with the batch split over `mesh` (padded to a
-    multiple of the device count) and the backbone state replicated."""
+    multiple of the device count); `state` should already be `replicate`d."""
     b = images.shape[0]
-    b_pad = _padded_rows(b, mesh)
-    x = shard_rows(images, mesh, pad_to=b_pad)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    x = shard_rows(images, mesh, pad_to=_padded_rows(b, mesh))
     return embed_fn(state, x)[:b]

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 _BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+_BN_TORCH_NAMES = {flax: torch for torch, flax in _BN_NAMES.items()}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -76,8 +77,7 @@ def expected_keys(model: nnx.Module) -> dict[str, tuple[int, ...]]:
         if leaf == "kernel":
             out[f"{prefix}.weight"] = (shape[3], shape[2], shape[0], shape[1])  # HWIO -> OIHW
         else:
-            torch_name = {v: k for k, v in _BN_NAMES.items()}[leaf]
-            out[f"{prefix}.{torch_name}"] = shape
+            out[f"{prefix}.{_BN_TORCH_NAMES[leaf]}"] = shape
     return out
 
 
@@ -109,9 +109,8 @@ def load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *, arch: str =
         if leaf == "kernel":
             value = np.transpose(state[f"{prefix}.weight"], (2, 3, 1, 0))  # OIHW -> HWIO
         else:
-            value = state[f"{prefix}.{ {v: k for k, v in _BN_NAMES.items()}[leaf] }"]
+            value = state[f"{prefix}.{_BN_TORCH_NAMES[leaf]}"]
         var.set_value(np.asarray(value, dtype=np.float32).astype(var.get_value().dtype))
-    nnx.update(model, nnx.state(model))
 
 
 def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

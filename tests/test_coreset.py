@@ -75,17 +75,21 @@ def test_float32_covering_radius_tracks_reference(case):
 @given(bank=hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
                        elements=st.floats(-100, 100, width=32)))
 def test_invariants_on_arbitrary_banks(backend, bank):
-    """Distinct indices (even with repeated rows); num_samples = N takes every row; the covering
-    radius never grows as the coreset grows."""
+    """Distinct indices (even with repeated rows); num_samples = N takes every row; every row chosen is
+    a farthest unselected row from the start point (row 0) and the rows chosen before it."""
     n = len(bank)
     runs = [backend.greedy_coreset(bank, n)]
     if backend is patchcore_jax:  # the lazy loop (an identity projection) in blocks of 2 rows
         runs.append(backend.greedy_coreset(bank, n, projection=np.eye(bank.shape[1]), block=2))
     for idx in map(np.asarray, runs):
         assert sorted(idx.tolist()) == list(range(n))
-        radii = radius_after_each_step(bank, idx)
-        assert np.all(np.diff(radii) <= 1e-9)
-        assert radii[-1] == 0.0
+        psi = np.asarray(bank, np.float64)
+        for t in range(n):
+            centres = psi[np.concatenate([[0], idx[:t]]).astype(int)]
+            to_centres = np.linalg.norm(psi[:, None] - centres[None], axis=-1).min(axis=1)
+            unselected = np.setdiff1d(np.arange(n), idx[:t])
+            np.testing.assert_allclose(to_centres[idx[t]], to_centres[unselected].max(), rtol=1e-5, atol=1e-4)
+        assert radius_after_each_step(bank, idx)[-1] == 0.0
 
 
 def test_fixed_example():
