@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,7 +148,7 @@ def build(arch: str, layers: Sequence[str], *, seed: int = 0, precision=None, dt
 def feature_extractor(
     arch: str = "wide_resnet50_2",
     *,
-    weights: str | None = None,
+    weights: "str | Mapping[str, np.ndarray] | None" = None,
     layers: Sequence[str] = ("layer2", "layer3"),
     seed: int = 0,
     precision: str | None = "highest",
@@ -158,8 +158,9 @@ def feature_extractor(
 
     Args:
       arch: a torchvision ResNet name (`ARCHITECTURES`), e.g. "wide_resnet50_2" (the paper's).
-      weights: a torchvision/timm state dict (`.safetensors`, or `.pth` when torch is installed), or
-        None for a seeded random initialisation (a warning says so: such features are not pretrained).
+      weights: a torchvision/timm state dict file (`.safetensors`, or `.pth` when torch is installed),
+        such a state dict already read (a mapping of names to arrays), or None for a seeded random
+        initialisation (a warning says so: such features are not pretrained).
       layers: torchvision layer names to return; computation stops after the deepest.
       precision: matmul/conv precision; "highest" keeps float32 accuracy on GPU (no TF32) and TPU.
     """
@@ -172,8 +173,14 @@ def feature_extractor(
             "pretrained and anomaly detection will be weak. Pass a torchvision/timm state dict.",
             RandomWeightsWarning, stacklevel=2,
         )
+    elif isinstance(weights, Mapping):
+        weights_lib.load_into(model, weights, arch=arch)
     else:
-        weights_lib.load_into(model, weights_lib.read_state_dict(weights), arch=arch)
+        try:
+            weights_lib.load_into(model, weights_lib.read_state_dict(weights), arch=arch)
+        except ValueError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith(str(weights)) else f"{weights}: {message}") from None
     graphdef, state = nnx.split(model)
     layers = tuple(layers)
 
@@ -189,6 +196,7 @@ def feature_extractor(
 
     extract.state = state  # exposed for sharding and inspection
     extract.apply = apply
+    extract.state_dict = lambda: weights_lib.state_dict_of(model)  # what the model file stores
     return extract
 
 

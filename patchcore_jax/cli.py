@@ -1,14 +1,14 @@
 """The `patchcore-jax` command line: the only place that parses arguments or prints.
 
-Exit codes: 0 success; 2 bad usage or bad input (one line naming the path or value); 1 an
-unexpected failure (one line; `--debug` shows the traceback).
+Every argument and output location is validated before any work starts. Exit codes: 0 success; 2 bad
+usage or bad input (one line naming the path or value given); 1 an unexpected failure (one line;
+`--debug`, accepted in any position, shows the traceback); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -21,25 +21,52 @@ RANDOM_BACKBONE_NOTE = (
     "comes from ImageNet features: expect far lower numbers than with pretrained weights. Fetch torchvision's "
     "IMAGENET1K_V1 wide_resnet50_2 (or timm's wide_resnet50_2.tv_in1k safetensors) and pass --weights FILE."
 )
+# Config fields as the options that set them, so errors name what the user typed.
+OPTION_OF = {
+    "backbone": "--backbone", "weights": "--weights", "resize": "--resize", "crop": "--crop",
+    "coreset_fraction": "--coreset", "num_neighbors": "--neighbors", "seed": "--seed", "batch_size": "--batch-size",
+    "projection_dim": "--projection-dim", "coreset_dtype": "--coreset-dtype", "geometry": "--geometry",
+}
 
 
 class UsageError(Exception):
     """Bad arguments or input: reported as one line, exit status 2."""
 
 
+def _say(message: str, file=None) -> None:
+    """Prints a line whatever bytes a path in it holds (undecodable bytes as \\xNN)."""
+    from patchcore_jax.data.images import display
+
+    file = file or sys.stdout
+    print(display(message), file=file, flush=True)
+
+
+def _version() -> str:
+    from patchcore_jax import __version__
+
+    return __version__
+
+
+# -- shared argument handling ---------------------------------------------------------------------------
 def _config_from_args(args, **overrides):
     from patchcore_jax.config import PatchCoreConfig
 
-    fields = {}
-    for name in ("backbone", "weights", "resize", "crop", "coreset_fraction", "num_neighbors", "seed", "batch_size",
-                 "projection_dim", "coreset_dtype"):
-        value = getattr(args, name, None)
-        if value is not None:
-            fields[name] = value
+    fields = {name: getattr(args, name) for name in OPTION_OF if getattr(args, name, None) is not None}
     if fields.get("weights"):
-        fields["weights"] = os.path.abspath(fields["weights"])
+        weights = fields["weights"]
+        if not os.path.isfile(weights):
+            raise UsageError(f"--weights {weights}: no such file")
+        if not weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
+            raise UsageError(f"--weights {weights}: expected a .safetensors or .pth state dict")
+        fields["weights"] = os.path.abspath(weights)
     fields.update(overrides)
-    return PatchCoreConfig(**fields)
+    try:
+        return PatchCoreConfig(**fields)
+    except ValueError as err:
+        field, _, rest = str(err).partition(": ")
+        if field in OPTION_OF:
+            raise UsageError(f"{OPTION_OF[field]}: {rest}") from None
+        raise UsageError(str(err)) from None
 
 
 def _add_model_options(p, *, coreset_default=None):
@@ -49,6 +76,9 @@ def _add_model_options(p, *, coreset_default=None):
                    help="coreset fraction, the paper's PatchCore-n%% (default 0.1)")
     p.add_argument("--resize", type=int, help="shorter side after resizing (default 256)")
     p.add_argument("--crop", type=int, help="centre crop size (default 224)")
+    p.add_argument("--geometry", choices=("center_crop", "squash"),
+                   help="center_crop (default: resize the shorter side, crop the centre) or squash (resize the "
+                        "whole image to crop x crop)")
     p.add_argument("--neighbors", dest="num_neighbors", type=int, help="b of Eq. 7 (default 9; 1 = plain maximum)")
     p.add_argument("--projection-dim", type=int, help="coreset projection width (default 128; 0 = none)")
     p.add_argument("--coreset-dtype", choices=("float32", "bfloat16"), help="storage of the projected bank")
@@ -56,233 +86,314 @@ def _add_model_options(p, *, coreset_default=None):
     p.add_argument("--seed", type=int, help="seed of projection, start points and a random backbone (default 0)")
 
 
-def _save_overlays(out_dir, names, images, maps, masks, *, vmin, vmax, limit=None):
-    from patchcore_jax import visualize
+def _new_model(cfg, *, quiet: bool):
+    from patchcore_jax.model import PatchCore
 
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for i, name in enumerate(names[:limit] if limit else names):
-        path = os.path.join(out_dir, f"{name}.png")
-        visualize.save_overlay(path, images[i], maps[i], None if masks is None else masks[i], vmin=vmin, vmax=vmax)
-        written.append(path)
-    return written
-
-
-def _cropped(images, cfg):
-    """uint8 images through the model's resize and crop (without normalisation), for overlays."""
-    import jax.numpy as jnp
-
-    from patchcore_jax.model import IMAGENET_MEAN, IMAGENET_STD, as_float_images, preprocess
-
-    x = np.asarray(preprocess(jnp.asarray(as_float_images(images)), resize=cfg.resize, crop=cfg.crop))
-    return np.round(np.clip(x * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255).astype(np.uint8)
-
-
-def _write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-# -- demo ---------------------------------------------------------------------------------------------
-def cmd_demo(args) -> int:
-    from patchcore_jax import metrics
-    from patchcore_jax.data import make_synthetic, preprocess_masks
-    from patchcore_jax.model import PatchCore, reference_agreement
-
-    start = time.perf_counter()
-    cfg = _config_from_args(args)
-    print(f"patchcore-jax demo: synthetic defects (scratch, spot, missing piece, colour change), backbone {cfg.backbone}, "
-          f"coreset {cfg.coreset_fraction:.0%}, Eq. 7 with b={cfg.num_neighbors}")
-    if cfg.weights is None:
-        print(RANDOM_BACKBONE_NOTE)
-    data = make_synthetic(seed=args.data_seed, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        model = PatchCore(cfg, progress=not args.quiet)
+        return PatchCore(cfg, progress=not quiet)
+
+
+def _list_checked(paths, *, what: str, exclude=()):
+    """Lists image files and reads every header now, so a bad file stops the run before any work."""
+    from patchcore_jax.data.images import check_image, display, list_images
+
+    found = list_images(paths, exclude=exclude)
+    if not found:
+        raise UsageError(f"{' '.join(display(p) for p in ([paths] if isinstance(paths, str) else paths))}: "
+                         f"no {what} found (looked for .png, .jpg, .bmp, .tif, ... files; hidden files are skipped)")
+    for p in found:
+        check_image(p)
+    return found
+
+
+def _check_bank_size(model, num_images: int) -> None:
+    size = model.bank_size_for(num_images)
+    if size < model.config.num_neighbors:
+        raise UsageError(f"--neighbors {model.config.num_neighbors}: {num_images} training images give a memory bank "
+                         f"of {size} rows; use at most {size}, more images, or a larger --coreset")
+
+
+# -- demo -----------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from patchcore_jax import metrics, visualize
+    from patchcore_jax.data import make_synthetic
+    from patchcore_jax.diagnostics import reference_agreement
+    from patchcore_jax.outputs import OutputDir
+    from patchcore_jax.preprocess import preprocess_masks
+
+    start = time.perf_counter()
+    for option, value in (("--train", args.train), ("--test-good", args.test_good), ("--test-defect", args.test_defect)):
+        if value < 1:
+            raise UsageError(f"{option} {value}: expected at least 1 image")
+    cfg = _config_from_args(args)
+    OutputDir.check(args.out, "demo")
+    model = _new_model(cfg, quiet=args.quiet)
+    _check_bank_size(model, args.train)
+    out = OutputDir.claim(args.out, "demo")
+    _say(f"patchcore-jax demo: synthetic defects (scratch, spot, missing piece, colour change), backbone {cfg.backbone}, "
+         f"coreset {cfg.coreset_fraction:.0%}, Eq. 7 with b={cfg.num_neighbors}")
+    if cfg.weights is None:
+        _say(RANDOM_BACKBONE_NOTE)
+    data = make_synthetic(seed=args.data_seed, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect)
     model.fit(data["train"])
-    print(f"memory bank: {model.num_patches_seen} patches -> coreset of {model.bank.shape[0]} x {model.bank.shape[1]}")
-    scores, maps = model.predict(data["test"])
-    masks = preprocess_masks(data["masks"], resize=cfg.resize, crop=cfg.crop)
+    _say(f"memory bank: {model.num_patches_seen} patches -> coreset of {model.bank.shape[0]} x {model.bank.shape[1]}")
+    preds = list(model.predict_iter(data["test"]))
+    scores, maps = np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
+    masks = preprocess_masks(data["masks"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
     results = {
         "image_auroc": metrics.image_auroc(data["labels"], scores),
         "pixel_auroc": metrics.pixel_auroc(masks, maps),
         "au_pro": metrics.au_pro(masks, maps),
     }
-    print(f"image AUROC {results['image_auroc']:.4f}   pixel AUROC {results['pixel_auroc']:.4f}   "
-          f"AU-PRO (FPR <= 0.3) {results['au_pro']:.4f}")
+    _say(f"image AUROC {results['image_auroc']:.4f}   pixel AUROC {results['pixel_auroc']:.4f}   "
+         f"AU-PRO (FPR <= 0.3) {results['au_pro']:.4f}")
     agreement = reference_agreement(model, data["train"], data["test"][-4:])
-    print(f"JAX vs float64 NumPy reference on the same backbone features ({agreement['images']['train']} train, "
-          f"{agreement['images']['test']} test images): image scores max rel. diff {agreement['image_scores_max_rel_diff']:.2e}, "
-          f"maps {agreement['anomaly_maps_max_rel_diff']:.2e}, patch features {agreement['features_max_rel_diff']:.2e}, "
-          f"coreset indices equal {agreement['coreset_same_indices']:.0%}")
-    os.makedirs(args.out, exist_ok=True)
+    _say(f"JAX vs float64 NumPy reference on the same backbone features ({agreement['images']['train']} train, "
+         f"{agreement['images']['test']} test images): image scores max rel. diff {agreement['image_scores_max_rel_diff']:.2e}, "
+         f"maps {agreement['anomaly_maps_max_rel_diff']:.2e}, patch features {agreement['features_max_rel_diff']:.2e}, "
+         f"coreset indices equal {agreement['coreset_same_indices']:.0%}")
     names = [f"test_{i:03d}_{k}" for i, k in enumerate(data["kinds"])]
-    vmin, vmax = float(np.min(maps)), float(np.max(maps))
+    vmin, vmax = visualize.map_range(model)
     shown = list(range(0, len(names), max(1, len(names) // 12)))
-    pngs = _save_overlays(os.path.join(args.out, "heatmaps"), [names[i] for i in shown], _cropped(data["test"][shown], cfg),
-                          maps[shown], masks[shown], vmin=vmin, vmax=vmax)
+    for i in shown:
+        out.write(os.path.join("heatmaps", f"{names[i]}.png"),
+                  lambda tmp, i=i: visualize.save_overlay(tmp, preds[i].crop, maps[i], masks[i], vmin=vmin, vmax=vmax))
     summary = {
         "dataset": "synthetic",
         "pretrained_backbone": cfg.weights is not None,
-        "config": json.loads(cfg.to_json()),
+        "config": cfg.to_dict(),
         "metrics": results,
         "reference_agreement": agreement,
         "images": [{"name": n, "label": int(l), "score": float(s)} for n, l, s in zip(names, data["labels"], scores)],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    _write_json(os.path.join(args.out, "results.json"), summary)
-    print(f"wrote {os.path.join(args.out, 'results.json')} and {len(pngs)} heatmaps in {os.path.join(args.out, 'heatmaps')} "
-          f"({summary['seconds']} s)")
+    out.write_json("results.json", summary)
+    _say(f"wrote {out.path('results.json')} and {len(shown)} heatmaps in {out.path('heatmaps')} ({summary['seconds']} s)")
     return 0
 
 
-# -- fit / predict ------------------------------------------------------------------------------------
+# -- fit / predict --------------------------------------------------------------------------------------
 def cmd_fit(args) -> int:
-    from patchcore_jax.data.images import group_by_size, list_images
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax import persistence
+    from patchcore_jax.model import check_quantile
 
-    paths = list_images(args.train)
-    if not paths:
-        raise UsageError(f"{args.train}: no images found (looked for .png, .jpg, .bmp, .tif)")
     cfg = _config_from_args(args)
+    try:
+        check_quantile(args.quantile)
+    except ValueError:
+        raise UsageError(f"--quantile {args.quantile}: expected a number in [0, 1]") from None
+    persistence.check_target(args.out)
+    out_abs = os.path.abspath(args.out)
+    paths = _list_checked(args.train, what="training images", exclude=[out_abs])
+    held = _list_checked(args.threshold_from, what="held-out images", exclude=[out_abs]) if args.threshold_from else []
+    model = _new_model(cfg, quiet=args.quiet)
+    _check_bank_size(model, len(paths))
     if cfg.weights is None:
-        print(RANDOM_BACKBONE_NOTE, file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        model = PatchCore(cfg, progress=not args.quiet)
-    model.fit(batch for _, batch in group_by_size(paths, cfg.batch_size))
-    if args.threshold_from:
-        held = list_images(args.threshold_from)
-        scores, _ = model.predict(batch for _, batch in group_by_size(held, cfg.batch_size))
+        _say(RANDOM_BACKBONE_NOTE, sys.stderr)
+    model.fit(paths)
+    if held:
+        scores, _ = model.predict(held)
         model.fit_threshold(scores, quantile=args.quantile)
-        print(f"threshold {model.threshold:.6g} from {len(held)} held-out good images (quantile {args.quantile})")
+        _say(f"threshold {model.threshold:.6g} from {len(held)} held-out good images (quantile {args.quantile})")
     model.save(args.out)
-    print(f"fitted on {len(paths)} images: {model.num_patches_seen} patches -> bank {model.bank.shape[0]} x "
-          f"{model.bank.shape[1]}; saved {args.out}")
+    _say(f"fitted on {len(paths)} images: {model.num_patches_seen} patches -> bank {model.bank.shape[0]} x "
+         f"{model.bank.shape[1]}; saved {args.out}")
     return 0
+
+
+def _heatmap_names(paths: list[str]) -> list[str]:
+    """Heatmap paths mirroring the inputs' paths relative to their common folder: distinct inputs
+    give distinct names (`a/b.png` -> `a/b.png.png`, `a_b.png` -> `a_b.png.png`)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    base = os.path.commonpath(absolute) if len(set(absolute)) > 1 else os.path.dirname(absolute[0])
+    if base in absolute:  # one file given twice, or a file and nothing else
+        base = os.path.dirname(base)
+    return [os.path.join("heatmaps", os.path.relpath(p, base) + ".png") for p in absolute]
 
 
 def cmd_predict(args) -> int:
-    from patchcore_jax.data.images import group_by_size, list_images
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax import visualize
+    from patchcore_jax.data.images import display
+    from patchcore_jax.model import PatchCore, check_threshold
+    from patchcore_jax.outputs import OutputDir
 
+    try:
+        threshold = check_threshold(args.threshold)
+    except ValueError:
+        raise UsageError(f"--threshold {args.threshold}: expected a finite number") from None
+    out_abs = OutputDir.check(args.out, "predict")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         model = PatchCore.load(args.model, progress=not args.quiet)
+    paths = _list_checked(args.images, what="images", exclude=[out_abs])
+    if threshold is not None:
+        model.threshold = threshold
     if model.config.weights is None:
-        print(RANDOM_BACKBONE_NOTE, file=sys.stderr)
-    paths = list_images(args.images)
-    if not paths:
-        raise UsageError(f"{' '.join(args.images)}: no images found")
-    if args.threshold is not None:
-        model.threshold = args.threshold
-    os.makedirs(args.out, exist_ok=True)
-    rows, all_maps, order = [], [], []
-    for batch_paths, batch in group_by_size(paths, model.config.batch_size):
-        scores, maps = model.predict(batch)
-        labels = model.classify(scores) if model.threshold is not None else [None] * len(scores)
-        for p, s, lab in zip(batch_paths, scores, labels):
-            rows.append({"path": p, "score": float(s), "anomalous": None if lab is None else bool(lab)})
-        names = [_safe_name(p) for p in batch_paths]
-        all_maps.append((names, _cropped(batch, model.config), maps))
-        order += batch_paths
-    vmax = max(float(m.max()) for _, _, m in all_maps)
-    vmin = min(float(m.min()) for _, _, m in all_maps)
-    for names, imgs, maps in all_maps:
-        _save_overlays(os.path.join(args.out, "heatmaps"), names, imgs, maps, None, vmin=vmin, vmax=vmax)
-    with open(os.path.join(args.out, "scores.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "score", "anomalous"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "anomalous": "" if row["anomalous"] is None else int(row["anomalous"])})
-    print(f"scored {len(rows)} images: {os.path.join(args.out, 'scores.csv')}, heatmaps in {os.path.join(args.out, 'heatmaps')}")
+        _say("NOTE: this model was fitted with a randomly initialised backbone (no --weights); its scores are weak.",
+             sys.stderr)
+    out = OutputDir.claim(out_abs, "predict")
+    heatmaps = _heatmap_names(paths) if not args.no_heatmaps else [None] * len(paths)
+    vmin, vmax = visualize.map_range(model)
+    above = 0
+    with out.open_stream("scores.csv") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "score", "anomalous", "heatmap"])
+        for pred, path, heatmap in zip(model.predict_iter(paths), paths, heatmaps):
+            label = "" if model.threshold is None else int(pred.score > model.threshold)
+            above += label == 1
+            writer.writerow([display(path), repr(pred.score), label, "" if heatmap is None else display(heatmap)])
+            if heatmap is not None:
+                out.write(heatmap, lambda tmp, p=pred: visualize.save_overlay(tmp, p.crop, p.anomaly_map, None,
+                                                                              vmin=vmin, vmax=vmax))
+    _say(f"scored {len(paths)} images: {out.path('scores.csv')}"
+         + ("" if args.no_heatmaps else f", heatmaps in {out.path('heatmaps')}"))
     if model.threshold is not None:
-        print(f"{sum(bool(r['anomalous']) for r in rows)} above threshold {model.threshold:.6g}")
+        _say(f"{above} above threshold {model.threshold:.6g}")
     return 0
 
 
-def _safe_name(path: str) -> str:
-    stem = os.path.splitext(os.path.relpath(path))[0]
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip("_.")
+# -- evaluate -------------------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from patchcore_jax import evaluate
+
+    if args.heatmaps < 0:
+        raise UsageError(f"--heatmaps {args.heatmaps}: expected an integer >= 0")
+    cfg = evaluate.protocol_config(args.dataset, _config_from_args(args), crop_given=args.crop is not None)
+    if args.source == "tfds":
+        import tensorflow_datasets as tfds
+
+        if args.quiet:
+            tfds.disable_progress_bar()
+    if cfg.weights is None:
+        _say(RANDOM_BACKBONE_NOTE)
+    report = evaluate.evaluate(args.dataset, args.root, cfg, out=args.out, categories=args.categories,
+                               source=args.source, tfds_dir=args.tfds_dir, heatmaps=args.heatmaps,
+                               mask_rule=args.mask_rule, progress=not args.quiet, log=_say)
+    mean = report["mean"]
+    _say(f"mean over {len(report['categories'])} categories: image AUROC {evaluate.fmt(mean['image_auroc'])}  pixel AUROC "
+         f"{evaluate.fmt(mean['pixel_auroc'])}  AU-PRO {evaluate.fmt(mean['au_pro'])}; "
+         f"wrote {os.path.join(args.out, 'results.json')}")
+    return 0
 
 
-# -- convert-weights ----------------------------------------------------------------------------------
+# -- convert-weights ------------------------------------------------------------------------------------
 def cmd_convert_weights(args) -> int:
     from patchcore_jax import weights
 
     if not args.output.endswith(".safetensors"):
         raise UsageError(f"{args.output}: the output must end in .safetensors")
+    if os.path.lexists(args.output):
+        raise UsageError(f"{args.output}: exists; refusing to overwrite it (give a new file name)")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{args.output}: its folder {parent} does not exist or is not writable")
     state = weights.read_state_dict(args.input)
-    weights.save_safetensors(state, args.output)
-    print(f"wrote {args.output}: {len(state)} tensors")
+    tmp = f"{args.output}.tmp-{os.getpid()}"
+    try:
+        weights.save_safetensors(state, tmp)
+        os.link(tmp, args.output)  # fails, rather than overwrite, if the name appeared meanwhile
+    except FileExistsError:
+        raise UsageError(f"{args.output}: exists; refusing to overwrite it") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _say(f"wrote {args.output}: {len(state)} tensors")
     return 0
 
 
+# -- the parser -----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (exit status 2) that point at --help."""
+
+    def error(self, message):
+        _say(f"{self.prog}: error: {message} (see {self.prog} --help)", sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchcore-jax", description="PatchCore anomaly detection in JAX.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of failures")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    parser = _Parser(prog="patchcore-jax", description="PatchCore anomaly detection in JAX.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"patchcore-jax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="fit and evaluate on an embedded synthetic defect set (no files needed)",
+    p = sub.add_parser("demo", parents=[common], help="fit and evaluate on an embedded synthetic defect set (no files needed)",
                        description="Makes a deterministic synthetic defect data set, fits, predicts, prints image AUROC, "
                                    "pixel AUROC and AU-PRO, checks the JAX numerics against the NumPy reference, and "
                                    "writes results.json and heatmap PNGs.")
-    p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    p.add_argument("--out", default="demo-out", help="output folder, new or an earlier demo's (default demo-out)")
     p.add_argument("--train", type=int, default=40, help="nominal training images (default 40)")
     p.add_argument("--test-good", type=int, default=16, help="good test images (default 16)")
     p.add_argument("--test-defect", type=int, default=24, help="defective test images (default 24)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_options(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("fit", help="build a model from a folder of defect-free images")
+    p = sub.add_parser("fit", parents=[common], help="build a model from a folder of defect-free images")
     p.add_argument("--train", required=True, help="folder (searched recursively) or image of defect-free images")
-    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--out", required=True, help="model folder to write: new, empty, or an earlier model")
     p.add_argument("--threshold-from", help="folder of held-out good images to set the decision threshold from")
     p.add_argument("--quantile", type=float, default=1.0, help="quantile of held-out good scores (default 1.0 = max)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_options(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="score images with a fitted model")
-    p.add_argument("--model", required=True, help="model directory written by fit")
+    p = sub.add_parser("predict", parents=[common], help="score images with a fitted model")
+    p.add_argument("--model", required=True, help="model folder written by fit")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="output directory: scores.csv and heatmaps/")
+    p.add_argument("--out", required=True, help="output folder, new or an earlier predict's: scores.csv and heatmaps/")
     p.add_argument("--threshold", type=float, help="decision threshold (overrides the model's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("convert-weights", help="convert a .pth state dict to .safetensors (needs torch once)")
+    p = sub.add_parser("evaluate", parents=[common], help="fit and evaluate per category on MVTec AD, MTD or mSTC",
+                       description="Runs the paper's protocol on a data set folder you provide (nothing is downloaded) "
+                                   "and writes results.json, results.csv and a few heatmaps per category. Resumable: a "
+                                   "category whose inputs and settings are unchanged is kept.")
+    p.add_argument("--dataset", required=True, choices=("mvtec", "mtd", "mstc"))
+    p.add_argument("--root", required=True, help="the data set's folder (see README for the layouts)")
+    p.add_argument("--categories", nargs="+", help="categories (mSTC: scenes 01..12) to run; default all present")
+    p.add_argument("--out", required=True, help="output folder, new or an earlier evaluate's")
+    p.add_argument("--source", choices=("folder", "tfds"), default="folder",
+                   help="read files directly, or through a TFDS array_record preparation (default folder)")
+    p.add_argument("--tfds-dir", help="where TFDS preparations live (default OUT/tfds)")
+    p.add_argument("--heatmaps", type=int, default=4, help="heatmap panels written per category (default 4)")
+    p.add_argument("--mask-rule", choices=("published", "half"), default="published",
+                   help="ground-truth pixels after resizing: published (only full 255 counts, as the published "
+                        "code; default) or half (>= 128)")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("convert-weights", parents=[common], help="convert a .pth state dict to .safetensors (needs torch once)")
     p.add_argument("input", help="torchvision/timm .pth state dict")
-    p.add_argument("output", help="destination .safetensors")
+    p.add_argument("output", help="destination .safetensors (must not exist)")
     p.set_defaults(func=cmd_convert_weights)
-
-    from patchcore_jax import evaluate as evaluate_cmd
-
-    evaluate_cmd.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    args.quiet = getattr(args, "quiet", False)
     try:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as err:
         if args.debug:
             raise
-        print(f"patchcore-jax {args.command}: error: {err}", file=sys.stderr)
+        message = str(err).replace("\n", " ")
+        _say(f"patchcore-jax {args.command}: error: {message}", sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted", sys.stderr)
         return 130
     except Exception as err:  # one line for users; --debug for the traceback
         if args.debug:
             raise
-        print(f"patchcore-jax {args.command}: unexpected failure: {type(err).__name__}: {err} (rerun with --debug)", file=sys.stderr)
+        message = str(err).replace("\n", " ")
+        _say(f"patchcore-jax {args.command}: unexpected failure: {type(err).__name__}: {message} (rerun with --debug)",
+             sys.stderr)
         return 1
 
 

@@ -1,47 +1,55 @@
-"""`patchcore-jax evaluate`: the paper's protocol on MVTec AD, MTD and mSTC.
+"""The paper's evaluation protocol on MVTec AD, MTD and mSTC, as a library function.
 
 Per category: fit on the nominal training images, score the test set, then image AUROC, pixel AUROC
 over the category's full test set, and AU-PRO (FPR <= 0.3). Each finished category is written at once
-(atomically) to `OUT/categories/<name>.json`; a rerun with the same settings skips it (resumable).
-The report (`results.json`, `results.csv`) holds every category and the mean over categories.
+(atomically) to `OUT/categories/<name>.json` with a fingerprint of its inputs (every image and mask
+file's path, size and modification time, and the settings); a rerun reuses a category only when its
+fingerprint is unchanged, and recomputes it otherwise (resumable, never stale). The report
+(`results.json`, `results.csv`) holds every category and the mean over categories.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import os
 import time
 import warnings
+from typing import Callable
 
 import numpy as np
 
+from patchcore_jax import metrics, preprocess
+from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.data import datasets
+from patchcore_jax.data.images import display
+from patchcore_jax.outputs import OutputDir
 
-def add_parser(sub) -> None:
-    from patchcore_jax.cli import _add_model_options
-
-    p = sub.add_parser(
-        "evaluate", help="fit and evaluate per category on MVTec AD, MTD or mSTC (your own copy)",
-        description="Runs the paper's protocol on a data set folder you provide (nothing is downloaded) and writes "
-                    "results.json, results.csv and a few heatmaps per category. Resumable.",
-    )
-    p.add_argument("--dataset", required=True, choices=("mvtec", "mtd", "mstc"))
-    p.add_argument("--root", required=True, help="the data set's folder (see README for the layouts)")
-    p.add_argument("--categories", nargs="+", help="categories (mSTC: scenes 01..12) to run; default all present")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--source", choices=("folder", "tfds"), default="folder",
-                   help="read files directly, or through a TFDS array_record preparation (default folder)")
-    p.add_argument("--tfds-dir", help="where TFDS preparations live (default OUT/tfds)")
-    p.add_argument("--heatmaps", type=int, default=4, help="heatmap overlays written per category (default 4)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_model_options(p)
-    p.set_defaults(func=run)
+METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+SOURCES = ("folder", "tfds")
 
 
-def _batches(split, batch_size):
-    for start in range(0, len(split), batch_size):
-        recs = [split[i] for i in range(start, min(start + batch_size, len(split)))]
-        yield recs
+def protocol_config(dataset: str, config: PatchCoreConfig, *, crop_given: bool = True) -> PatchCoreConfig:
+    """The data set's geometry: mSTC frames are squashed to `resize x resize` with no crop."""
+    if dataset == "mstc":
+        changes = {"geometry": "squash"}
+        if not crop_given:
+            changes["crop"] = config.resize
+        return config.replace(**changes)
+    return config
+
+
+def _fingerprint(category: datasets.Category, settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    files = sorted({f for s in category.train + category.test for f in (s.image, s.mask) if f})
+    for f in files:
+        st = os.stat(f)
+        digest.update(f"{os.fsencode(f)!r}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for s in category.train + category.test:
+        digest.update(f"{s.name}\0{s.label}\0{s.kind}\0{s.mask_index}\n".encode())
+    return digest.hexdigest()
 
 
 def _metric(fn, *args):
@@ -51,28 +59,32 @@ def _metric(fn, *args):
         return None
 
 
-def evaluate_category(model_factory, splits, cfg, *, heatmap_dir=None, heatmaps=4) -> dict:
-    from patchcore_jax import metrics
-    from patchcore_jax.data.images import preprocess_masks
-
+def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: int = 0) -> tuple[dict, list]:
+    """Fits `model` on `splits["train"]` and scores `splits["test"]` (records as `datasets.load_sample`
+    gives them). Returns the result and up to `heatmaps` `(record name, Prediction, mask)` to draw."""
+    cfg = model.config
     start = time.perf_counter()
-    model = model_factory()
     train = splits["train"]
-    model.fit(np.stack([r["image"] for r in recs]) for recs in _batches(train, cfg.batch_size))
+    model.fit(train[i]["image"] for i in range(len(train)))
     test = splits["test"]
-    scores, maps, masks, labels, names, kinds = [], [], [], [], [], []
-    shown = []
-    for recs in _batches(test, cfg.batch_size):
-        images = np.stack([r["image"] for r in recs])
-        s, m = model.predict(images)
-        scores.append(s)
-        maps.append(m)
-        masks.append(preprocess_masks(np.stack([r["mask"] for r in recs]), resize=cfg.resize, crop=cfg.crop))
-        labels += [int(r["label"]) for r in recs]
-        names += [r["name"] for r in recs]
-        kinds += [r["kind"] for r in recs]
-        shown += [(r["name"], r["image"]) for r in recs]
-    scores, maps, masks, labels = np.concatenate(scores), np.concatenate(maps), np.concatenate(masks), np.array(labels)
+    meta: list[dict] = []
+
+    def images():
+        for i in range(len(test)):
+            rec = test[i]
+            meta.append(rec)
+            yield rec["image"]
+
+    scores, maps, masks = [], [], []
+    for pred in model.predict_iter(images()):
+        rec = meta[len(scores)]
+        scores.append(pred.score)
+        maps.append(pred.anomaly_map)
+        masks.append(preprocess.preprocess_mask(rec["mask"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
+                                                rule=mask_rule, name=rec["name"]))
+        rec["prediction"] = pred
+    scores, maps, masks = np.asarray(scores), np.stack(maps), np.stack(masks)
+    labels = np.array([int(r["label"]) for r in meta])
     result = {
         "image_auroc": _metric(metrics.image_auroc, labels, scores),
         "pixel_auroc": _metric(metrics.pixel_auroc, masks, maps),
@@ -82,98 +94,116 @@ def evaluate_category(model_factory, splits, cfg, *, heatmap_dir=None, heatmaps=
         "n_anomalous": int(labels.sum()),
         "bank_size": int(model.bank.shape[0]),
         "seconds": round(time.perf_counter() - start, 1),
-        "scores": [{"name": n, "kind": k, "label": int(l), "score": float(s)} for n, k, l, s in zip(names, kinds, labels, scores)],
+        "scores": [{"name": r["name"], "kind": r["kind"], "label": int(r["label"]), "score": float(s)}
+                   for r, s in zip(meta, scores)],
     }
-    if heatmap_dir and heatmaps:
-        from patchcore_jax.cli import _cropped, _save_overlays
-
-        bad, good = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
-        pick = list(bad[: heatmaps - heatmaps // 2]) + list(good[: heatmaps // 2])
-        pick = sorted(pick)[:heatmaps]
-        if pick:
-            imgs = _cropped(np.stack([shown[i][1] for i in pick]), cfg)
-            safe = ["".join(c if c.isalnum() or c in "-_" else "_" for c in names[i]) for i in pick]
-            _save_overlays(heatmap_dir, safe, imgs, maps[pick], masks[pick], vmin=float(maps.min()), vmax=float(maps.max()))
-    return result
+    bad, good = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
+    pick = sorted(list(bad[: heatmaps - heatmaps // 2]) + list(good[: heatmaps // 2]))[:heatmaps]
+    return result, [(meta[i]["name"], meta[i]["prediction"], masks[i]) for i in pick]
 
 
-def run(args) -> int:
-    from patchcore_jax.cli import RANDOM_BACKBONE_NOTE, UsageError, _config_from_args, _write_json
-    from patchcore_jax.data import datasets
+def _read_previous(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
+            raise ValueError("not a category result")
+        for key in METRICS + ("n_train", "n_test", "n_anomalous", "bank_size"):
+            data["result"][key]  # noqa: B018 -- every field the report reads must be there
+        return data
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+        raise ValueError(f"{display(path)}: corrupt category result ({err}); delete it to recompute the category") from None
+
+
+def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, categories=None, source: str = "folder",
+             tfds_dir: str | None = None, heatmaps: int = 4, mask_rule: str = "published", progress: bool = True,
+             log: Callable[[str], None] = lambda message: None) -> dict:
+    """Runs the protocol and writes `out/` (see the module docstring); returns the report.
+
+    `config` is used as given (see `protocol_config` for the data set's geometry). `log` receives one
+    line per category.
+    """
     from patchcore_jax.model import PatchCore
 
-    overrides = {}
-    if args.dataset == "mstc" and args.crop is None:
-        overrides["crop"] = 256  # mSTC protocol: frames at 256 x 256, no crop
-    cfg = _config_from_args(args, **overrides)
-    if args.source == "tfds":
-        import tensorflow_datasets as tfds
-
+    if dataset not in datasets.DATASETS:
+        raise ValueError(f"dataset: expected one of {datasets.DATASETS}, got {dataset!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source: expected one of {SOURCES}, got {source!r}")
+    if mask_rule not in preprocess.MASK_RULES:
+        raise ValueError(f"mask rule: expected one of {preprocess.MASK_RULES}, got {mask_rule!r}")
+    if isinstance(heatmaps, bool) or not isinstance(heatmaps, int) or heatmaps < 0:
+        raise ValueError(f"heatmaps: expected an integer >= 0, got {heatmaps!r}")
+    if source == "tfds":
         from patchcore_jax.data import tfds_builders
 
-        if args.quiet:
-            tfds.disable_progress_bar()
-        if cfg.resize != tfds_builders.RESIZE:
-            raise UsageError(f"--resize {cfg.resize}: TFDS preparations are stored at {tfds_builders.RESIZE}; use --source folder")
-    categories = datasets.load_categories(args.dataset, args.root, args.categories)
-    if cfg.weights is None:
-        print(RANDOM_BACKBONE_NOTE)
-    os.makedirs(os.path.join(args.out, "categories"), exist_ok=True)
-    settings = {"dataset": args.dataset, "root": os.path.abspath(args.root), "config": json.loads(cfg.to_json())}
-
-    def factory():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)
-            return PatchCore(cfg, progress=not args.quiet)
-
+        if config.resize != tfds_builders.RESIZE:
+            raise ValueError(f"resize {config.resize}: TFDS preparations are stored at {tfds_builders.RESIZE}; "
+                             "use the folder source")
+    OutputDir.check(out, "evaluate")
+    cats = datasets.load_categories(dataset, root, categories)
+    squash = config.geometry == "squash"
+    for cat in cats:
+        if cat.squash != squash:
+            raise ValueError(f"geometry {config.geometry!r}: the {dataset} protocol uses "
+                             f"{'squash' if cat.squash else 'center_crop'} (see protocol_config)")
+    outdir = OutputDir.claim(out, "evaluate", keep=True)
+    settings = {"dataset": dataset, "config": config.to_dict(), "mask_rule": mask_rule, "source": source}
     per_category = {}
-    for i, cat in enumerate(categories, 1):
-        out_file = os.path.join(args.out, "categories", f"{cat.name}.json")
-        if os.path.isfile(out_file):
-            with open(out_file) as f:
-                previous = json.load(f)
-            if previous.get("settings") == settings:
-                per_category[cat.name] = previous["result"]
-                print(f"[{i}/{len(categories)}] {cat.name}: done before, kept ({out_file})")
-                continue
-        if args.source == "tfds":
+    for i, cat in enumerate(cats, 1):
+        rel = os.path.join("categories", f"{cat.name}.json")
+        fingerprint = _fingerprint(cat, settings)
+        previous = _read_previous(outdir.path(rel))
+        if previous is not None and previous.get("fingerprint") == fingerprint:
+            per_category[cat.name] = previous["result"]
+            log(f"[{i}/{len(cats)}] {cat.name}: done before with the same inputs and settings, kept "
+                f"({display(outdir.path(rel))})")
+            continue
+        if source == "tfds":
             from patchcore_jax.data import tfds_builders
 
-            splits = tfds_builders.prepared_splits(args.dataset, cat.name, root=args.root,
-                                                   data_dir=args.tfds_dir or os.path.join(args.out, "tfds"))
+            splits = tfds_builders.prepared_splits(dataset, cat.name, root=root,
+                                                   data_dir=tfds_dir or outdir.path("tfds"))
         else:
-            splits = {s: datasets.FolderSplit(getattr(cat, s), size=cfg.resize, squash=cat.squash) for s in ("train", "test")}
-        result = evaluate_category(factory, splits, cfg, heatmap_dir=os.path.join(args.out, "heatmaps", cat.name),
-                                   heatmaps=args.heatmaps)
-        _write_json(out_file, {"settings": settings, "result": result})
-        per_category[cat.name] = result
-        print(f"[{i}/{len(categories)}] {cat.name}: image AUROC {_fmt(result['image_auroc'])}  pixel AUROC "
-              f"{_fmt(result['pixel_auroc'])}  AU-PRO {_fmt(result['au_pro'])}  ({result['seconds']} s)")
+            splits = {s: datasets.FolderSplit(getattr(cat, s), size=config.resize, squash=cat.squash) for s in ("train", "test")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            model = PatchCore(config, progress=progress)
+        result, shown = evaluate_category(model, splits, mask_rule=mask_rule, heatmaps=heatmaps)
+        if shown:
+            from patchcore_jax import visualize
 
-    keys = ("image_auroc", "pixel_auroc", "au_pro")
+            vmin, vmax = visualize.map_range(model)
+            for record_name, pred, mask in shown:
+                outdir.write(os.path.join("heatmaps", cat.name, f"{record_name}.png"),
+                             lambda tmp, p=pred, m=mask: visualize.save_overlay(tmp, p.crop, p.anomaly_map, m, vmin=vmin, vmax=vmax))
+        outdir.write_json(rel, {"settings": settings, "fingerprint": fingerprint, "result": result})
+        per_category[cat.name] = result
+        log(f"[{i}/{len(cats)}] {cat.name}: image AUROC {fmt(result['image_auroc'])}  pixel AUROC "
+            f"{fmt(result['pixel_auroc'])}  AU-PRO {fmt(result['au_pro'])}  ({result['seconds']} s)")
+
     mean = {}
-    for k in keys:
+    for k in METRICS:
         values = [r[k] for r in per_category.values() if r[k] is not None]
         mean[k] = float(np.mean(values)) if values else None
     report = {
         **settings,
-        "pretrained_backbone": cfg.weights is not None,
+        "root": display(os.path.abspath(root)),
+        "pretrained_backbone": config.weights is not None,
         "mean": mean,
         "categories": {n: {k: v for k, v in r.items() if k != "scores"} for n, r in per_category.items()},
     }
-    _write_json(os.path.join(args.out, "results.json"), report)
-    tmp = os.path.join(args.out, "results.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["category", *keys, "n_train", "n_test", "n_anomalous", "bank_size"])
-        for n, r in per_category.items():
-            w.writerow([n, *(r[k] for k in keys), r["n_train"], r["n_test"], r["n_anomalous"], r["bank_size"]])
-        w.writerow(["mean", *(mean[k] for k in keys), "", "", "", ""])
-    os.replace(tmp, os.path.join(args.out, "results.csv"))
-    print(f"mean over {len(per_category)} categories: image AUROC {_fmt(mean['image_auroc'])}  pixel AUROC "
-          f"{_fmt(mean['pixel_auroc'])}  AU-PRO {_fmt(mean['au_pro'])}; wrote {os.path.join(args.out, 'results.json')}")
-    return 0
+    outdir.write_json("results.json", report)
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["category", *METRICS, "n_train", "n_test", "n_anomalous", "bank_size"])
+    for n, r in per_category.items():
+        w.writerow([n, *(r[k] for k in METRICS), r["n_train"], r["n_test"], r["n_anomalous"], r["bank_size"]])
+    w.writerow(["mean", *(mean[k] for k in METRICS), "", "", "", ""])
+    outdir.write_text("results.csv", table.getvalue())
+    return report
 
 
-def _fmt(x):
+def fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"

@@ -1,113 +1,75 @@
 """The PatchCore model: the one place where the stages are strung together.
 
-fit: images -> resize, centre crop, ImageNet normalisation -> backbone -> patch aggregation, streamed
-in batches into a host-side bank (memory grows with the bank only) -> greedy coreset -> a prepared
-search index. predict: the same embedding -> Eq. 6/7 scores -> anomaly maps at the crop's size.
+Two stages, one boundary:
+- host: every input (file, PIL image, array of any size) -> `preprocess.preprocess_image` -> one uint8
+  crop `(crop, crop, 3)`; the same function for every way in, so one picture gives one crop.
+- device: uint8 crops `(batch_size, crop, crop, 3)` (the last batch padded, so one compiled shape per
+  configuration) -> ImageNet normalisation -> backbone -> patch aggregation -> (fit) the memory bank
+  and greedy coreset, (predict) Eq. 6/7 scores and anomaly maps at the crop's size.
+Inputs are validated on the host, once, at the public boundary; the device stages never pull an
+array back to check it. What leaves the device (features at fit, scores and maps at predict) is
+checked on the host, where it has to go anyway.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-import json
+import math
 import os
-import shutil
-import tempfile
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from patchcore_jax import aggregate, backbone, coreset, neighbors, scoring, segmentation
+from patchcore_jax import aggregate, backbone, coreset, neighbors, preprocess, scoring, segmentation
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.persistence import ModelFileError  # noqa: F401 -- re-exported: model files raise it
 
-FORMAT_NAME = "patchcore-jax"
-FORMAT_VERSION = 1
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Nominal patch scores recorded at fit (a seeded sample of training patches against the bank).
+CALIBRATION_SAMPLE = 4096
+CALIBRATION_QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
 
 
-class ModelFileError(ValueError):
-    """A model directory that is missing, truncated, tampered with or of a newer format."""
+def normalise(crops: jax.Array) -> jax.Array:
+    """uint8 crops `(B, H, W, 3)` -> float32, ImageNet-normalised (torchvision's ToTensor + Normalize)."""
+    return (crops.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """torchvision's `Resize(size)`: the shorter side becomes `size`, the longer keeps the aspect."""
-    if height <= width:
-        return size, int(size * width / height)
-    return int(size * height / width), size
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One scored image: its name (file path or `images[i]`), the uint8 crop the model saw
+    `(crop, crop, 3)`, the image score (Eq. 7) and the anomaly map `(crop, crop)` float32."""
 
-
-def preprocess(images: jax.Array, *, resize: int, crop: int) -> jax.Array:
-    """`(B, H, W, 3)` floats in [0, 1] -> `(B, crop, crop, 3)` ImageNet-normalised.
-
-    Bilinear resizing with antialiasing (the triangle filter PIL's bilinear resize applies when
-    shrinking), then torchvision's centre crop (`top = round((h - crop) / 2)`).
-    """
-    b, h, w, c = images.shape
-    rh, rw = resized_shape(h, w, resize)
-    if (rh, rw) != (h, w):
-        images = jax.image.resize(images, (b, rh, rw, c), method="linear", antialias=True)
-    top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))
-    images = images[:, top : top + crop, left : left + crop]
-    return (images - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def as_float_images(batch, *, name: str = "images") -> np.ndarray:
-    """uint8 `[0, 255]` or float `[0, 1]` images, `(B, H, W, 3)`, `(B, H, W, 1)` or grayscale
-    `(B, H, W)` -> float32 `(B, H, W, 3)` in [0, 1]; ValueError naming what is wrong otherwise."""
-    x = np.asarray(batch)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"{name}: expected (B, H, W, 3), (B, H, W, 1) or (B, H, W) images, got shape {x.shape}")
-    if 0 in x.shape:
-        raise ValueError(f"{name}: expected a non-empty batch, got shape {x.shape}")
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    elif x.dtype.kind == "f":
-        if not np.isfinite(x).all():
-            raise ValueError(f"{name}: found NaN or infinite pixel values")
-        if x.min() < 0.0 or x.max() > 1.0:
-            raise ValueError(f"{name}: float images must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
-        x = x.astype(np.float32)
-    else:
-        raise ValueError(f"{name}: expected uint8 or float images, got dtype {x.dtype}")
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    return x
-
-
-def iter_batches(images, batch_size: int) -> Iterator[np.ndarray]:
-    """One array (split into `batch_size` chunks) or an iterable of batches -> float batches."""
-    if hasattr(images, "shape"):
-        x = as_float_images(images)
-        for start in range(0, len(x), batch_size):
-            yield x[start : start + batch_size]
-        return
-    if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
-        raise ValueError(f"images: expected an array or an iterable of image batches, got {type(images).__name__}")
-    for i, batch in enumerate(images):
-        yield as_float_images(batch, name=f"images (batch {i})")
-
-
-def _count(images) -> int | None:
-    return len(images) if hasattr(images, "shape") or hasattr(images, "__len__") else None
+    name: str
+    crop: np.ndarray
+    score: float
+    anomaly_map: np.ndarray
 
 
 class PatchCore:
     """PatchCore anomaly detection (Roth et al., CVPR 2022).
 
     Example:
-      model = PatchCore(PatchCoreConfig(weights="wide_resnet50_2.safetensors")).fit(train_images)
+      model = PatchCore(PatchCoreConfig(weights="wide_resnet50_2.safetensors")).fit("train/good")
       scores, maps = model.predict(test_images)   # (B,), (B, crop, crop)
+
+    Images may be given as a batch array `(B, H, W, C)`, a list of single images `(H, W[, C])` of any
+    sizes, PIL images, file paths, or a folder (see `patchcore_jax.preprocess`); uint8, uint16 or
+    float in [0, 1]. A bare 3-D array is refused (one image or a grayscale batch?): pass `image[None]`.
     """
 
-    def __init__(self, config: PatchCoreConfig | None = None, *, progress: bool = True, mesh=None):
+    def __init__(self, config: PatchCoreConfig | None = None, *, progress: bool = True, mesh=None,
+                 backbone_weights=None):
         """`mesh`: None (one device), a `jax.sharding.Mesh` with one axis, or "all" for a mesh over
         every device of every process; with a mesh the bank is row-sharded and extraction is
-        data-parallel."""
+        data-parallel. `backbone_weights`: a state dict already read (a model file's own copy), used
+        instead of reading `config.weights`."""
         self.config = config or PatchCoreConfig()
         self.progress = progress
         if isinstance(mesh, str):
@@ -117,20 +79,24 @@ class PatchCore:
 
             mesh = sharding.make_mesh()
         self.mesh = mesh
-        dtype = jnp.dtype(self.config.dtype)
-        self._extract = backbone.feature_extractor(
-            self.config.backbone, weights=self.config.weights, layers=self.config.layers, seed=self.config.seed, dtype=dtype
-        )
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        self.weights_sha256 = None
+        source = backbone_weights if backbone_weights is not None else cfg.weights
+        if backbone_weights is None and cfg.weights is not None:
+            self.weights_sha256 = _sha256(cfg.weights) if os.path.isfile(cfg.weights) else None
+        self._extract = backbone.feature_extractor(cfg.backbone, weights=source, layers=cfg.layers, seed=cfg.seed,
+                                                   dtype=dtype)
         self.bank: jax.Array | None = None
         self.index: neighbors.BankIndex | None = None
-        self.threshold: float | None = None
+        self._threshold: float | None = None
         self.num_patches_seen = 0
-        cfg, apply = self.config, self._extract.apply
+        self.calibration: dict | None = None
+        apply = self._extract.apply
 
         @jax.jit
-        def embed(state, images):
-            x = preprocess(images, resize=cfg.resize, crop=cfg.crop).astype(dtype)
-            feats = apply(state, x)
+        def embed(state, crops):
+            feats = apply(state, normalise(crops).astype(dtype))
             return aggregate._aggregate(
                 tuple(feats[name] for name in cfg.layers), patch_size=cfg.patch_size, stride=cfg.stride,
                 pretrain_dim=cfg.pretrain_dim, target_dim=cfg.target_dim,
@@ -143,34 +109,138 @@ class PatchCore:
 
             self._state = sharding.replicate(self._state, self.mesh)  # once, not per batch
 
-    # -- embedding ---------------------------------------------------------------------------------
-    def embed(self, batch) -> jax.Array:
-        """Images `(B, H, W, 3)` -> patch features `(B, h, w, target_dim)` float32."""
-        x = as_float_images(batch)
+    # -- shapes ------------------------------------------------------------------------------------
+    @functools.cached_property
+    def feature_grid(self) -> tuple[int, int]:
+        """`(h, w)` of the patch grid of one crop (no computation: shapes only)."""
+        crops = jax.ShapeDtypeStruct((1, self.config.crop, self.config.crop, 3), jnp.uint8)
+        out = jax.eval_shape(self._embed_fn, self._state, crops)
+        return int(out.shape[1]), int(out.shape[2])
+
+    def bank_size_for(self, num_images: int) -> int:
+        """The memory bank's rows after fitting on `num_images` images."""
+        h, w = self.feature_grid
+        return self.bank_size_for_rows(num_images * h * w)
+
+    def bank_size_for_rows(self, n: int) -> int:
+        """The memory bank's rows after fitting on `n` training patches."""
+        return n if self.config.coreset_fraction >= 1.0 else max(1, int(n * self.config.coreset_fraction))
+
+    # -- the host stage ----------------------------------------------------------------------------
+    def prepare(self, image, *, name: str = "image") -> np.ndarray:
+        """One image (file path, PIL image or array `(H, W[, C])`) -> the uint8 crop `(crop, crop, 3)`
+        the model sees. Every input goes through here."""
+        cfg = self.config
+        rgb = preprocess.load_image(image, name=name)
+        return preprocess.preprocess_image(rgb, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=name)
+
+    def _crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray]]:
+        """`(names, uint8 crops (b, crop, crop, 3))` with `b <= batch_size`, in input order; only one
+        batch of decoded images is held at a time."""
+        names, crops = [], []
+        for name, item in preprocess.iter_images(images):
+            names.append(name)
+            crops.append(self.prepare(item, name=name))
+            if len(crops) == self.config.batch_size:
+                yield names, np.stack(crops)
+                names, crops = [], []
+        if crops:
+            yield names, np.stack(crops)
+
+    def _bar(self, images, desc):
+        total = len(images) if hasattr(images, "__len__") and not isinstance(images, (str, bytes, os.PathLike)) else None
+        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False)
+
+    # -- the device stage --------------------------------------------------------------------------
+    def embed_crops(self, crops) -> jax.Array:
+        """uint8 crops `(B, crop, crop, 3)` (host or device array) -> patch features
+        `(B, h, w, target_dim)` float32 on the device; batches are padded to `batch_size`."""
+        b = self._check_crops(crops)
+        size = self.config.batch_size
+        outs = []
+        for start in range(0, b, size):
+            chunk = crops[start : start + size]
+            n = chunk.shape[0]
+            if self.mesh is not None:
+                from patchcore_jax import sharding
+
+                host = jax.device_get(chunk) if isinstance(chunk, jax.Array) else np.asarray(chunk)
+                outs.append(sharding.embed_data_parallel(self._embed_fn, self._state, _pad_host(host, size), self.mesh)[:n])
+                continue
+            if isinstance(chunk, jax.Array):
+                padded = _pad_device(chunk, size) if n < size else chunk
+            else:
+                padded = jax.device_put(_pad_host(np.asarray(chunk), size))
+            outs.append(self._embed_fn(self._state, padded)[:n] if n < size else self._embed_fn(self._state, padded))
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+
+    def _check_crops(self, crops) -> int:
+        c = self.config.crop
+        shape = tuple(getattr(crops, "shape", ()))
+        if len(shape) != 4 or shape[1:] != (c, c, 3) or shape[0] == 0 or np.dtype(crops.dtype) != np.uint8:
+            raise ValueError(f"crops: expected uint8 crops of shape (B, {c}, {c}, 3) (see PatchCore.prepare), got "
+                             f"{getattr(crops, 'dtype', type(crops).__name__)} {shape}")
+        return shape[0]
+
+    def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
+        """The device stage of `predict`: uint8 crops `(B, crop, crop, 3)` -> image scores `(B,)` and
+        anomaly maps `(B, crop, crop)`, float32 host arrays."""
+        if self.index is None:
+            raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
+        feats = self.embed_crops(crops)
+        b, h, w, d = feats.shape
         if self.mesh is not None:
             from patchcore_jax import sharding
 
-            return sharding.embed_data_parallel(self._embed_fn, self._state, x, self.mesh)
-        return self._embed_fn(self._state, jnp.asarray(x))
-
-    def _bar(self, total, desc):
-        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False)
+            s, patch = sharding.image_scores(self.index, feats.reshape(b, h * w, d), num_neighbors=self.config.num_neighbors)
+        else:
+            s, patch = scoring.image_scores_from_index(self.index, feats.reshape(b, h * w, d),
+                                                       num_neighbors=self.config.num_neighbors)
+        maps = segmentation.anomaly_maps(patch.reshape(b, h, w), (self.config.crop, self.config.crop), sigma=self.config.sigma)
+        scores, maps = jax.device_get((s, maps))
+        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
+            raise ValueError(
+                "scores: the device returned NaN or infinite scores; the features overflow float32 or are NaN "
+                f"(backbone weights: {self.config.weights or 'random initialisation'})"
+            )
+        return np.asarray(scores, np.float32), np.asarray(maps, np.float32)
 
     # -- fitting -----------------------------------------------------------------------------------
     def fit(self, images) -> "PatchCore":
-        """Builds the memory bank from defect-free images (one array or an iterable of batches)."""
+        """Builds the memory bank from defect-free images (any input form, see the class docstring)."""
+        with self._bar(images, "extracting train features") as bar:
+            def crops():
+                for _, batch in self._crop_batches(images):
+                    yield batch
+                    bar.update(len(batch))
+
+            return self.fit_crops(crops())
+
+    def fit_crops(self, batches) -> "PatchCore":
+        """The device stage of `fit`: an iterable of uint8 crop batches `(b, crop, crop, 3)`."""
         chunks = []
-        with self._bar(_count(images), "extracting train features") as bar:
-            for batch in iter_batches(images, self.config.batch_size):
-                feats = self.embed(batch)
-                chunks.append(np.asarray(feats).reshape(-1, feats.shape[-1]))
-                bar.update(len(batch))
+        for batch in batches:
+            feats = jax.device_get(self.embed_crops(batch))
+            chunks.append(np.asarray(feats).reshape(-1, feats.shape[-1]))
         if not chunks:
             raise ValueError("images: expected at least one training image, got none")
-        bank = np.concatenate(chunks)
+        bank = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
         del chunks
+        finite = np.isfinite(bank)
+        if not finite.all():
+            raise ValueError(
+                f"features: the backbone produced {int(bank.size - finite.sum())} NaN or infinite values "
+                f"(backbone weights: {self.config.weights or 'random initialisation'}); check the weights file"
+            )
         self.num_patches_seen = len(bank)
+        needed = self.config.num_neighbors
+        if self.bank_size_for_rows(len(bank)) < needed:
+            raise ValueError(
+                f"images: {len(bank)} training patches give a bank of {self.bank_size_for_rows(len(bank))} rows, fewer "
+                f"than num_neighbors ({needed}); fit on more images, raise coreset_fraction or lower num_neighbors"
+            )
         self.set_bank(self._subsample(bank))
+        self.calibration = self._calibrate(bank)
         return self
 
     def _subsample(self, bank: np.ndarray) -> np.ndarray:
@@ -178,7 +248,7 @@ class PatchCore:
         n = len(bank)
         if cfg.coreset_fraction >= 1.0:
             return bank
-        num = max(1, int(n * cfg.coreset_fraction))
+        num = self.bank_size_for_rows(n)
         rng = np.random.default_rng(cfg.seed)
         starts = tuple(rng.choice(n, size=min(cfg.num_starts, n), replace=False).tolist())
         projection = None
@@ -194,66 +264,91 @@ class PatchCore:
                 idx = sharding.greedy_coreset(bank, num, projection=projection, start_indices=starts, mesh=self.mesh,
                                               store_dtype=cfg.coreset_dtype)
             else:
-                idx = coreset.greedy_coreset(jnp.asarray(bank), num, projection=projection, start_indices=starts,
+                idx = coreset.greedy_coreset(jax.device_put(bank), num, projection=projection, start_indices=starts,
                                              store_dtype=cfg.coreset_dtype if projection is not None else None,
                                              progress=advance, chunk=max(64, num // 50))
-        return bank[np.sort(np.asarray(idx))]
+        return bank[np.sort(np.asarray(jax.device_get(idx)))]
+
+    def _calibrate(self, bank: np.ndarray) -> dict:
+        """Nominal patch scores: a seeded sample of the training patches against the bank (a coreset
+        row scores 0; the others measure how far nominal patches sit from the bank)."""
+        rng = np.random.default_rng(self.config.seed + 1)
+        sample = bank[np.sort(rng.choice(len(bank), size=min(CALIBRATION_SAMPLE, len(bank)), replace=False))]
+        if self.mesh is not None:
+            from patchcore_jax import sharding
+
+            dist, _ = sharding._search_jit(self.index, sample, k=1, mesh=self.mesh)
+        else:
+            dist, _ = neighbors.search(self.index, jax.device_put(sample), 1)
+        dist = np.asarray(jax.device_get(dist), np.float64)[:, 0]
+        return {"patch_score_quantiles": {str(q): float(np.quantile(dist, q)) for q in CALIBRATION_QUANTILES},
+                "patch_sample": int(len(sample))}
 
     def set_bank(self, bank) -> None:
         """Installs a memory bank `(M, target_dim)` directly (as `load` does)."""
         bank = np.asarray(bank, np.float32)
         if bank.ndim != 2 or bank.shape[1] != self.config.target_dim or len(bank) == 0:
             raise ValueError(f"bank: expected shape (M, {self.config.target_dim}) with M >= 1, got {bank.shape}")
+        if not np.isfinite(bank).all():
+            raise ValueError("bank: holds NaN or infinite values")
         if len(bank) < self.config.num_neighbors:
             raise ValueError(
                 f"bank: {len(bank)} rows are fewer than num_neighbors ({self.config.num_neighbors}); "
                 "fit on more images, raise coreset_fraction or lower num_neighbors"
             )
-        self.bank = jnp.asarray(bank)
         if self.mesh is not None:
             from patchcore_jax import sharding
 
-            self.index = sharding.build_index(self.bank, self.mesh)
+            self.bank = jax.device_put(bank)
+            self.index = sharding.build_index(bank, self.mesh)
         else:
+            self.bank = jax.device_put(bank)
             self.index = neighbors.build_index(self.bank)
 
     # -- prediction --------------------------------------------------------------------------------
+    def predict_iter(self, images) -> Iterator[Prediction]:
+        """Scores images one batch at a time and yields a `Prediction` per image, in input order."""
+        if self.index is None:
+            raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
+        for names, crops in self._crop_batches(images):
+            scores, maps = self.score_crops(crops)
+            for i, name in enumerate(names):
+                yield Prediction(name, crops[i], float(scores[i]), maps[i])
+
     def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores `(B,)` (Eq. 7) and anomaly maps `(B, crop, crop)` for test images."""
+        """Image scores `(N,)` (Eq. 7) and anomaly maps `(N, crop, crop)` float32, in input order."""
         if self.index is None:
             raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
         scores, maps = [], []
-        with self._bar(_count(images), "scoring") as bar:
-            for batch in iter_batches(images, self.config.batch_size):
-                s, m = self._predict_batch(batch)
+        with self._bar(images, "scoring") as bar:
+            for _, crops in self._crop_batches(images):
+                s, m = self.score_crops(crops)
                 scores.append(s)
                 maps.append(m)
-                bar.update(len(batch))
+                bar.update(len(s))
         if not scores:
             raise ValueError("images: expected at least one test image, got none")
         return np.concatenate(scores), np.concatenate(maps)
 
-    def _predict_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
-        feats = self.embed(batch)
-        b, h, w, d = feats.shape
-        if self.mesh is not None:
-            from patchcore_jax import sharding
-
-            s, patch = sharding.image_scores(self.index, feats.reshape(b, h * w, d), num_neighbors=self.config.num_neighbors)
-        else:
-            s, patch = scoring.image_scores_from_index(self.index, feats.reshape(b, h * w, d), num_neighbors=self.config.num_neighbors)
-        maps = segmentation.anomaly_maps(patch.reshape(b, h, w), (self.config.crop, self.config.crop), sigma=self.config.sigma)
-        return np.asarray(s), np.asarray(maps)
-
     # -- decisions ---------------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float | None:
+        """The image-score decision threshold (None until set); scores strictly above are anomalous."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        self._threshold = check_threshold(value)
+
     def fit_threshold(self, good_scores, *, quantile: float = 1.0, margin: float = 0.0) -> float:
         """Sets the decision threshold from scores of held-out *good* images: their `quantile`
         (1.0 = the maximum, so every held-out good image passes), times `1 + margin`."""
         scores = np.asarray(good_scores, np.float64).ravel()
         if scores.size == 0 or not np.isfinite(scores).all():
             raise ValueError("good_scores: expected a non-empty array of finite scores")
-        if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"quantile: expected a value in [0, 1], got {quantile}")
+        check_quantile(quantile)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= -1:
+            raise ValueError(f"margin: expected a finite number > -1, got {margin!r}")
         self.threshold = float(np.quantile(scores, quantile) * (1.0 + margin))
         return self.threshold
 
@@ -265,79 +360,44 @@ class PatchCore:
 
     # -- model files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Writes `path/` (config.json + bank.safetensors) atomically: a temporary directory beside
-        it, renamed into place, so a crash never leaves a half-written model looking complete."""
-        from safetensors.numpy import save_file
+        """Writes the model folder `path` (see `patchcore_jax.persistence`): sealed by a manifest of
+        sha256 sums, with the backbone weights inside, replacing an earlier model atomically."""
+        from patchcore_jax import persistence
 
-        if self.bank is None:
-            raise ValueError("model: nothing to save; fit it first")
-        path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        if os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"{path}: exists and is not a patchcore-jax model directory; refusing to replace it")
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-        try:
-            bank_file = os.path.join(tmp, "bank.safetensors")
-            save_file({"bank": np.asarray(self.bank, np.float32)}, bank_file)
-            meta = {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "config": json.loads(self.config.to_json()),
-                "threshold": self.threshold,
-                "bank_shape": list(self.bank.shape),
-                "bank_sha256": _sha256(bank_file),
-                "num_patches_seen": self.num_patches_seen,
-            }
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            old = None
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-                os.replace(path, os.path.join(old, "model"))
-            os.replace(tmp, path)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        persistence.save_model(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, progress: bool = True, mesh=None) -> "PatchCore":
-        """Reads a directory written by `save`; ModelFileError names what is wrong with it."""
-        from safetensors.numpy import load_file
+        """Reads a model folder written by `save`; `persistence.ModelFileError` names what is wrong."""
+        from patchcore_jax import persistence
 
-        path = os.fspath(path)
-        meta_file, bank_file = os.path.join(path, "config.json"), os.path.join(path, "bank.safetensors")
-        for f in (meta_file, bank_file):
-            if not os.path.isfile(f):
-                raise ModelFileError(f"{f}: missing; {path} is not a complete patchcore-jax model")
-        try:
-            with open(meta_file) as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelFileError(f"{meta_file}: not valid JSON (truncated?): {err}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise ModelFileError(f"{meta_file}: not a patchcore-jax model description")
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ModelFileError(f"{meta_file}: format version {version!r} is newer than this library reads ({FORMAT_VERSION}); upgrade patchcore-jax")
-        if _sha256(bank_file) != meta.get("bank_sha256"):
-            raise ModelFileError(f"{bank_file}: checksum differs from config.json (truncated or modified)")
-        try:
-            config = PatchCoreConfig.from_dict(dict(meta["config"], layers=tuple(meta["config"]["layers"])))
-            bank = load_file(bank_file)["bank"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ModelFileError(f"{path}: unreadable model: {err}") from None
-        if list(bank.shape) != meta.get("bank_shape"):
-            raise ModelFileError(f"{bank_file}: bank shape {bank.shape} differs from config.json's {meta.get('bank_shape')}")
-        model = cls(config, progress=progress, mesh=mesh)
-        model.set_bank(bank)
-        model.threshold = meta.get("threshold")
-        model.num_patches_seen = int(meta.get("num_patches_seen", 0))
-        return model
+        return persistence.load_model(path, progress=progress, mesh=mesh)
+
+
+def check_threshold(value) -> float | None:
+    """None, or a finite real number (returned as float); ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)):
+        raise ValueError(f"threshold: expected a finite number or None, got {value!r}")
+    return float(value)
+
+
+def check_quantile(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"quantile: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _pad_host(x: np.ndarray, size: int) -> np.ndarray:
+    n = x.shape[0]
+    return x if n == size else np.concatenate([x, np.zeros((size - n,) + x.shape[1:], x.dtype)])
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _pad_device(x, size):
+    return jnp.pad(x, ((0, size - x.shape[0]), (0, 0), (0, 0), (0, 0)))
 
 
 def _sha256(path: str) -> str:
@@ -346,53 +406,3 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def reference_agreement(model: PatchCore, train_images, test_images, *, max_train: int = 6, max_test: int = 4) -> dict:
-    """Runs the JAX stages and the float64 NumPy reference on the *same* backbone features of a few
-    images (aggregation -> coreset with the same projection and start points -> Eq. 7 scores -> maps)
-    and reports how far apart they land. The backbone is shared: this checks the PatchCore numerics."""
-    import reference
-
-    cfg = model.config
-
-    def backbone_features(images):
-        x = preprocess(jnp.asarray(as_float_images(images)), resize=cfg.resize, crop=cfg.crop)
-        feats = model._extract(x.astype(jnp.dtype(cfg.dtype)))
-        return [np.asarray(feats[name], np.float32) for name in cfg.layers]
-
-    opts = dict(patch_size=cfg.patch_size, stride=cfg.stride, pretrain_dim=cfg.pretrain_dim, target_dim=cfg.target_dim)
-    train_maps, test_maps = backbone_features(train_images[:max_train]), backbone_features(test_images[:max_test])
-    bank_j = np.asarray(aggregate.aggregate_patches(train_maps, **opts)).reshape(-1, cfg.target_dim)
-    bank_r = reference.aggregate_patches(train_maps, **opts).reshape(-1, cfg.target_dim)
-    feats_j = np.asarray(aggregate.aggregate_patches(test_maps, **opts))
-    feats_r = reference.aggregate_patches(test_maps, **opts)
-    b, h, w, d = feats_r.shape
-
-    n = len(bank_r)
-    num = max(cfg.num_neighbors, int(n * cfg.coreset_fraction))
-    starts = tuple(np.random.default_rng(cfg.seed).choice(n, size=min(cfg.num_starts, n), replace=False).tolist())
-    proj = None
-    if cfg.projection_dim:
-        proj = np.asarray(coreset.random_projection(jax.random.key(cfg.seed), d, cfg.projection_dim))
-    idx_j = np.asarray(coreset.greedy_coreset(jnp.asarray(bank_j), num, projection=proj, start_indices=starts))
-    idx_r = reference.greedy_coreset(bank_r, num, projection=proj, start_indices=starts)
-    radius_j = reference.covering_radius(bank_r, idx_j, projection=proj)
-    radius_r = reference.covering_radius(bank_r, idx_r, projection=proj)
-
-    s_j, p_j = scoring.image_scores(jnp.asarray(bank_j[idx_j]), feats_j.reshape(b, h * w, d), num_neighbors=cfg.num_neighbors)
-    s_r, p_r = reference.image_scores(bank_r[idx_r], feats_r.reshape(b, h * w, d), num_neighbors=cfg.num_neighbors)
-    m_j = np.asarray(segmentation.anomaly_maps(p_j.reshape(b, h, w), (cfg.crop, cfg.crop), sigma=cfg.sigma))
-    m_r = reference.anomaly_maps(p_r.reshape(b, h, w), (cfg.crop, cfg.crop), sigma=cfg.sigma)
-
-    def rel(a, r):
-        return float(np.max(np.abs(np.asarray(a, np.float64) - r)) / max(np.max(np.abs(r)), 1e-30))
-
-    return {
-        "images": {"train": len(train_maps[0]), "test": b},
-        "features_max_rel_diff": rel(feats_j, feats_r),
-        "coreset_same_indices": float(np.mean(idx_j == idx_r)),
-        "coreset_radius_rel_diff": abs(radius_j - radius_r) / max(radius_r, 1e-30),
-        "image_scores_max_rel_diff": rel(s_j, s_r),
-        "anomaly_maps_max_rel_diff": rel(m_j, m_r),
-    }

@@ -38,5 +38,17 @@ def overlay_panel(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     return np.concatenate(row, axis=1)
 
 
+def map_range(model) -> tuple[float, float]:
+    """A colour scale fixed by the model (the same in every run): 0 up to twice the largest nominal
+    patch score recorded at fit, or up to the threshold's double when that is larger."""
+    top = 1.0
+    if model.calibration:
+        top = 2.0 * model.calibration["patch_score_quantiles"]["1.0"]
+    if model.threshold is not None:
+        top = max(top, 2.0 * model.threshold)
+    return 0.0, max(top, 1e-6)
+
+
 def save_overlay(path: str, image, amap, mask=None, *, vmin: float, vmax: float) -> None:
-    Image.fromarray(overlay_panel(image, amap, mask, vmin=vmin, vmax=vmax)).save(path)
+    """Writes the panel as PNG to `path` (whatever its extension)."""
+    Image.fromarray(overlay_panel(image, amap, mask, vmin=vmin, vmax=vmax)).save(path, format="PNG")

@@ -103,6 +103,10 @@ def load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *, arch: str =
             if items:
                 parts.append(f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
         raise ValueError(f"weights do not fit {arch}: " + "; ".join(parts))
+    bad = sorted(k for k in want if np.asarray(state[k]).dtype.kind == "f" and not np.isfinite(state[k]).all())
+    if bad:
+        raise ValueError(f"weights for {arch} hold NaN or infinite values in {len(bad)} tensors: "
+                         f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
     for path, var in nnx.to_flat_state(nnx.state(model)):
         names = [str(p) for p in path]
         leaf, prefix = names[-1], ".".join(names[:-1])
@@ -111,6 +115,21 @@ def load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *, arch: str =
         else:
             value = state[f"{prefix}.{_BN_TORCH_NAMES[leaf]}"]
         var.set_value(np.asarray(value, dtype=np.float32).astype(var.get_value().dtype))
+
+
+def state_dict_of(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The inverse of `load_into`: `model`'s parameters and statistics as a torchvision-named float32
+    state dict (torch layouts), which `load_into` reads back exactly."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        names = [str(p) for p in path]
+        leaf, prefix = names[-1], ".".join(names[:-1])
+        value = np.asarray(var.get_value(), np.float32)
+        if leaf == "kernel":
+            out[f"{prefix}.weight"] = np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))  # HWIO -> OIHW
+        else:
+            out[f"{prefix}.{_BN_TORCH_NAMES[leaf]}"] = value
+    return out
 
 
 def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

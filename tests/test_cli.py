@@ -56,6 +56,8 @@ def test_fit_then_predict_through_folders(tmp_path):
     assert len(rows) == 5 and all(float(r["score"]) >= 0 for r in rows)
     assert all(r["anomalous"] in ("0", "1") for r in rows)
     assert len(os.listdir(tmp_path / "pred" / "heatmaps")) == 5
+    assert [r["path"] for r in rows] == [str(tmp_path / "test" / f"{i:03d}.png") for i in range(5)]
+    assert [r["heatmap"] for r in rows] == [f"heatmaps/{i:03d}.png.png" for i in range(5)]
 
 
 def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path):
@@ -69,7 +71,7 @@ def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path):
     r = run("fit", "--train", str(tmp_path / "train"), "--out", str(tmp_path / "m"), *SMALL)
     assert r.returncode == 2 and "broken.png" in r.stderr and "Traceback" not in r.stderr
     r = run("demo", "--coreset", "1.5")
-    assert r.returncode == 2 and "coreset_fraction" in r.stderr
+    assert r.returncode == 2 and "--coreset: expected a number in (0, 1], got 1.5" in r.stderr
     r = run("convert-weights", "in.pth", "out.bin")
     assert r.returncode == 2 and "safetensors" in r.stderr
 
@@ -93,3 +95,132 @@ def test_help_texts():
     assert r.returncode == 0
     for cmd in ("demo", "fit", "predict", "convert-weights", "evaluate"):
         assert cmd in r.stdout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A user's project folder: training images, test images, a README; and a model fitted on them."""
+    root = tmp_path_factory.mktemp("project")
+    data = make_synthetic(seed=4, n_train=4, n_test_good=2, n_test_defect=2, size=80, margin=16)
+    _write_pngs(root / "train", data["train"])
+    _write_pngs(root / "test", data["test"])
+    (root / "README.md").write_text("my project")
+    r = run("fit", "--train", str(root / "train"), "--out", str(root / "model"), *SMALL)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def _tree(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def test_out_that_is_not_ours_is_refused_before_any_work(project, tmp_path):
+    before = _tree(project)
+    r = run("fit", "--train", "train", "--out", ".", *SMALL, cwd=project)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "is not a patchcore-jax model" in r.stderr
+    assert _tree(project) == before and (project / "README.md").read_text() == "my project"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text("{}")  # the old bug: any config.json made a folder replaceable
+    (notes / "scores.csv").write_text("mine")
+    for cmd in (["fit", "--train", str(project / "train"), *SMALL],
+                ["predict", "--model", str(project / "model"), str(project / "test")],
+                ["demo", "--train", "1", *SMALL]):
+        r = run(*cmd[:1], "--out", str(notes), *cmd[1:])
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "notes" in r.stderr and r.stderr.count("\n") == 1
+    assert sorted(os.listdir(notes)) == ["config.json", "scores.csv"] and (notes / "scores.csv").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    r = run("predict", "--model", str(project / "model"), str(project / "test"), "--out", str(tmp_path / "file"))
+    assert r.returncode == 2 and "file: exists and is not a folder" in r.stderr
+
+
+def test_arguments_are_checked_before_any_work(project, tmp_path):
+    t = str(project / "train")
+    cases = [
+        (["fit", "--train", t, "--out", str(tmp_path / "m1"), "--quantile", "2"], "--quantile 2.0"),
+        (["fit", "--train", t, "--out", str(tmp_path / "m2"), "--threshold-from", str(tmp_path / "nowhere")], "nowhere"),
+        (["fit", "--train", t, "--out", str(tmp_path / "m3"), "--neighbors", "500"], "--neighbors 500"),
+        (["fit", "--train", t, "--out", str(tmp_path / "m4"), "--seed", "100000000000000000000"], "--seed"),
+        (["fit", "--train", t, "--out", str(tmp_path / "m5"), "--seed", "1e20"], "--seed: invalid int value: '1e20'"),
+        (["fit", "--train", t, "--out", str(tmp_path / "m6"), "--weights", str(tmp_path / "w.pth")], "w.pth: no such file"),
+        (["fit", "--train", t, "--out", str(tmp_path / "m7"), "--resize", "1000000"], "--resize: expected at most"),
+        (["demo", "--train", "0", "--out", str(tmp_path / "d")], "--train 0: expected at least 1"),
+        (["predict", "--model", str(project / "model"), t, "--out", str(tmp_path / "p"), "--threshold", "nan"], "--threshold nan"),
+    ]
+    for args, message in cases:
+        pairs = [SMALL[i:i + 2] for i in range(0, len(SMALL) - 1, 2)]  # (option, value), then --quiet
+        small = [a for pair in pairs if pair[0] not in args for a in pair] + ["--quiet"]
+        r = run(*args, *(small if args[0] != "predict" else ["--quiet"]))
+        assert r.returncode == 2, (args[5:], r.stderr)
+        assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert os.listdir(tmp_path) == []  # nothing was written for any of them
+
+
+def test_debug_anywhere_and_version():
+    r = run("demo", "--out", "x", "--train", "0", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr  # --debug after the subcommand is honoured
+    r = run("--version")
+    from patchcore_jax import __version__
+
+    assert r.returncode == 0 and r.stdout.strip() == f"patchcore-jax {__version__}"
+
+
+def test_predict_streams_mirrors_names_and_never_reads_its_own_output(project, tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "in"
+    img = np.asarray(Image.open(project / "test" / "000.png"))
+    (src / "a").mkdir(parents=True)
+    Image.fromarray(img).save(src / "a" / "b.png")
+    Image.fromarray(img).save(src / "a_b.png")
+    Image.fromarray(img).save(src / "x.png")
+    Image.fromarray(img).save(src / "x.jpg")
+    (src / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (src / "._x.png").write_bytes(b"\0\5\26\7")
+    os.mkfifo(src / "fifo.png")
+    weird = os.path.join(os.fsencode(src), b"caf\xe9.png")
+    Image.fromarray(img).save(weird)
+    out = src / "pred"  # inside the input folder
+    for _ in range(2):
+        r = run("predict", "--model", str(project / "model"), str(src), "--out", str(out), "--quiet")
+        assert r.returncode == 0, r.stderr
+        with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        names = [os.path.relpath(r["path"], src) for r in rows]
+        assert names == ["a/b.png", "a_b.png", "caf\\xe9.png", "x.jpg", "x.png"]  # output not read back
+        assert sorted(r["heatmap"] for r in rows) == sorted(f"heatmaps/{n}.png" for n in names)
+    heatmaps = _tree(out / "heatmaps")
+    assert sorted(heatmaps) == ["a/b.png.png", "a_b.png.png", os.fsdecode(b"caf\xe9.png.png"), "x.jpg.png", "x.png.png"]
+    # A rerun on fewer images leaves no stale heatmap of the earlier run, and keeps the user's own file.
+    (out / "my-note.txt").write_text("mine")
+    r = run("predict", "--model", str(project / "model"), str(src / "x.png"), "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert _tree(out) == sorted([".patchcore-jax-output.json", "heatmaps/x.png.png", "my-note.txt", "scores.csv"])
+
+
+KILLED_PREDICT = """
+import os, sys
+from patchcore_jax import cli, model
+calls = {"n": 0}
+original = model.PatchCore.score_crops
+def score_then_die(self, crops):
+    calls["n"] += 1
+    if calls["n"] == 2:
+        os._exit(137)   # as kill -9, in the middle of the run
+    return original(self, crops)
+model.PatchCore.score_crops = score_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_predict_leaves_the_rows_it_scored(project, tmp_path):
+    files = [str(project / "test" / f"{i:03d}.png") for i in range(4)] * 3  # 12 images, batch size 8
+    r = subprocess.run([sys.executable, "-c", KILLED_PREDICT, "predict", "--model", str(project / "model"), *files,
+                        "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 137, r.stderr
+    with open(tmp_path / "o" / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == files[:8]  # the first batch, complete and in order
+    assert all(float(r["score"]) >= 0 for r in rows)

@@ -38,7 +38,7 @@ def test_records_have_the_published_geometry(trees):
     (grid,) = datasets.mvtec(trees["mvtec"], ["grid"])
     rec = datasets.load_sample(next(s for s in grid.test if s.label), size=256)
     assert rec["image"].shape == (256, 256, 3) and rec["image"].dtype == np.uint8  # grayscale expanded
-    assert rec["mask"].shape == (256, 256) and 0 < rec["mask"].mean() < 1
+    assert rec["mask"].shape == (256, 256) and rec["mask"].dtype == np.uint8 and 0 < rec["mask"].mean() < 255
     (tile,) = datasets.mtd(trees["mtd"])
     for s in tile.train:  # odd, differing sizes all come out square
         assert datasets.load_sample(s, size=256)["image"].shape == (256, 256, 3)
@@ -71,7 +71,7 @@ def test_evaluate_through_folders_and_tfds_agree(dataset, trees, tmp_path, capsy
     if dataset == "mvtec":  # resumable: a second run keeps finished categories
         before = (out_f / "categories" / "bottle.json").stat().st_mtime_ns
         _evaluate(tmp_path, dataset, trees[dataset], "folder")
-        assert "done before, kept" in capsys.readouterr().out
+        assert "done before with the same inputs and settings, kept" in capsys.readouterr().out
         assert (out_f / "categories" / "bottle.json").stat().st_mtime_ns == before
 
 
@@ -112,3 +112,56 @@ def test_bad_data_names_the_file(trees, tmp_path, capsys):
 
     assert run(tmp_path / "absent", tmp_path / "o5") == 2
     assert "absent: missing folder" in capsys.readouterr().err
+
+
+def test_a_changed_input_or_setting_recomputes_and_a_corrupt_result_is_named(trees, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(trees["mvtec"], root)
+    out = tmp_path / "out"
+    args = ["evaluate", "--dataset", "mvtec", "--root", str(root), "--out", str(out), "--categories", "bottle", *SMALL]
+    assert cli.main(args) == 0
+    first = json.loads((out / "categories" / "bottle.json").read_text())
+    capsys.readouterr()
+    # The same file name with other pixels (a newer modification time) is another input.
+    from PIL import Image
+
+    img = np.asarray(Image.open(root / "bottle" / "test" / "good" / "000.png"))
+    Image.fromarray(255 - img).save(root / "bottle" / "test" / "good" / "000.png")
+    assert cli.main(args) == 0
+    assert "kept" not in capsys.readouterr().out
+    second = json.loads((out / "categories" / "bottle.json").read_text())
+    assert second["fingerprint"] != first["fingerprint"]
+    assert second["result"]["scores"] != first["result"]["scores"]
+    assert cli.main(args + ["--mask-rule", "half"]) == 0  # another setting: recomputed too
+    assert "kept" not in capsys.readouterr().out
+    (out / "categories" / "bottle.json").write_text('{"settings": ')
+    assert cli.main(args) == 2
+    assert "categories/bottle.json: corrupt category result" in capsys.readouterr().err
+
+
+def test_hidden_and_system_files_are_skipped(trees, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(trees["mvtec"], root)
+    for folder in (root, root / "bottle", root / "bottle" / "test", root / "bottle" / "train" / "good",
+                   root / "bottle" / "test" / "scratch"):
+        (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (folder / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    (root / "bottle" / "train" / "good" / "._000.png").write_bytes(b"\0\5\26\7")
+    (root / "bottle" / "test" / "scratch" / "._000.png").write_bytes(b"\0\5\26\7")
+    (bottle,) = datasets.mvtec(str(root), ["bottle"])
+    assert len(bottle.train) == 4 and len(bottle.test) == 5
+    assert cli.main(["evaluate", "--dataset", "mvtec", "--root", str(root), "--out", str(tmp_path / "o"),
+                     "--categories", "bottle", *SMALL]) == 0
+
+
+def test_evaluate_never_writes_into_a_folder_it_does_not_own(trees, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my own results")
+    code = cli.main(["evaluate", "--dataset", "mvtec", "--root", trees["mvtec"], "--out", str(mine), *SMALL])
+    assert code == 2 and "mine: exists and is not empty" in capsys.readouterr().err
+    assert sorted(os.listdir(mine)) == ["results.json"] and (mine / "results.json").read_text() == "my own results"

@@ -2,12 +2,15 @@
 
 Each reader turns a folder into categories of `Sample`s; `FolderSplit` loads them at the published
 geometry; `patchcore_jax.data.tfds_builders` writes the same arrays to TFDS array_record files. Both
-give records `{image (S, S, 3) uint8, mask (S, S) float32 in [0, 1], label, kind, name}` with
-`S = resize`: the shorter side resized to `resize` (PIL bilinear, as torchvision's Resize on PIL
-images), then a centred square crop; the model's own centre crop (224) follows. A centre crop of a
-centre crop is the centre crop, so this equals the published Resize(256) + CenterCrop(224).
-Masks take the same geometry (bilinear, as the published code resizes them) and are binarised at 0.5
-after the final crop (`preprocess_masks`).
+give records `{image (S, S, 3) uint8, mask (S, S) uint8 0..255, label, kind, name}` with `S = resize`,
+made by the one reader (`data.images`) and the one preprocessing (`patchcore_jax.preprocess`): the
+shorter side resized to `resize` (PIL bilinear, as torchvision's Resize on PIL images), then a centred
+`S x S` crop (or, for squashed categories, the whole frame resized to `S x S`). The model's own
+preprocessing then takes its centre crop (224); a centre crop of a centre crop is the centre crop, so
+this is bit for bit the published Resize(256) + CenterCrop(224), and the same crop a file gets through
+`PatchCore.predict`. Masks take the same geometry as 8-bit images and are binarised after the final
+crop (`preprocess.preprocess_mask`; by default only pixels at 255, as the published evaluation).
+Hidden files, non-image files and folders written by patchcore-jax are skipped (`list_images`).
 
 Layouts:
   MVTec AD: <cat>/train/good/*.png, <cat>/test/<defect|good>/*.png,
@@ -26,9 +29,9 @@ import os
 import re
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from patchcore_jax.data.images import IMAGE_SUFFIXES
+from patchcore_jax import preprocess
+from patchcore_jax.data.images import display, list_images, read_image, read_mask
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
@@ -61,9 +64,13 @@ class Category:
 
 def _images_in(folder: str) -> list[str]:
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: missing folder")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
-    return [os.path.join(folder, f) for f in files]
+        raise ValueError(f"{display(folder)}: missing folder")
+    return list_images(folder, recursive=False)
+
+
+def _folders_in(folder: str) -> list[str]:
+    """Names of the visible sub-folders (symlinks followed), sorted."""
+    return sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
 
 
 def _stem(path: str) -> str:
@@ -75,7 +82,7 @@ def mvtec(root: str, categories=None) -> list[Category]:
     if not os.path.isdir(root):
         raise ValueError(f"{root}: missing folder (expected MVTec AD's category folders)")
     if categories is None:
-        categories = [c for c in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, c, "train", "good"))]
+        categories = [c for c in _folders_in(root) if os.path.isdir(os.path.join(root, c, "train", "good"))]
         if not categories:
             raise ValueError(f"{root}: no MVTec AD category (a folder with train/good) found")
     out = []
@@ -88,7 +95,7 @@ def mvtec(root: str, categories=None) -> list[Category]:
         if not os.path.isdir(test_root):
             raise ValueError(f"{test_root}: missing folder")
         test = []
-        for defect in sorted(os.listdir(test_root)):
+        for defect in _folders_in(test_root):
             for p in _images_in(os.path.join(test_root, defect)):
                 if defect == "good":
                     test.append(Sample(p, 0, "good", f"test/good/{_stem(p)}"))
@@ -114,7 +121,7 @@ def mtd(root: str, *, seed: int = 0, holdout: float = 0.2) -> list[Category]:
     test_idx, train_idx = set(order[:n_test].tolist()), order[n_test:]
     train = tuple(Sample(free[i], 0, "good", f"MT_Free/{_stem(free[i])}") for i in sorted(train_idx))
     test = [Sample(free[i], 0, "good", f"MT_Free/{_stem(free[i])}") for i in sorted(test_idx)]
-    kinds = sorted(d for d in os.listdir(root) if d.startswith("MT_") and d != "MT_Free")
+    kinds = [d for d in _folders_in(root) if d.startswith("MT_") and d != "MT_Free"]
     for kind in kinds:
         imgs = os.path.join(root, kind, "Imgs")
         for p in _images_in(imgs):
@@ -143,7 +150,7 @@ def mstc(root: str, scenes=None, *, step: int = 5) -> list[Category]:
     for d in (train_root, test_root):
         if not os.path.isdir(d):
             raise ValueError(f"{d}: missing folder (training clips must be extracted to frames)")
-    clips = lambda d: sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))  # noqa: E731
+    clips = _folders_in
     present = sorted({c.split("_")[0] for c in clips(train_root) + clips(test_root)})
     scenes = present if scenes is None else list(scenes)
     out = []
@@ -184,53 +191,29 @@ def _load_npy(path: str) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npy array ({err})") from None
-
-
-def _geometry(im: Image.Image, size: int, squash: bool) -> Image.Image:
-    w, h = im.size
-    if squash:
-        return im.resize((size, size), Image.BILINEAR) if (w, h) != (size, size) else im
-    if h <= w:
-        nh, nw = size, int(size * w / h)
-    else:
-        nh, nw = int(size * h / w), size
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BILINEAR)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    return im.crop((left, top, left + size, top + size))
+        raise ValueError(f"{display(path)}: not a readable .npy array ({err})") from None
 
 
 def load_sample(sample: Sample, *, size: int, squash: bool = False) -> dict:
     """The record of one sample at the data geometry (see the module docstring)."""
-    if os.path.isfile(sample.image) and os.path.getsize(sample.image) == 0:
-        raise ValueError(f"{sample.image}: empty file")
-    try:
-        with Image.open(sample.image) as im:
-            original = im.size
-            image = np.asarray(_geometry(im.convert("RGB"), size, squash))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{sample.image}: not a readable image ({err})") from None
+    geometry = "squash" if squash else "center_crop"
+    raw = read_image(sample.image)
+    image = preprocess.preprocess_image(raw, resize=size, crop=size, geometry=geometry, name=display(sample.image))
     if sample.mask is None:
-        mask = np.zeros((size, size), np.float32)
+        mask = np.zeros((size, size), np.uint8)
     else:
         if sample.mask.endswith(".npy"):
             stack = _load_npy(sample.mask)
             if stack.ndim != 3 or sample.mask_index >= len(stack):
-                raise ValueError(f"{sample.mask}: expected (T, H, W) masks with frame {sample.mask_index}, got shape {stack.shape}")
-            raw = (stack[sample.mask_index] > 0).astype(np.float32)
+                raise ValueError(f"{display(sample.mask)}: expected (T, H, W) masks with frame {sample.mask_index}, "
+                                 f"got shape {stack.shape}")
+            m = np.where(stack[sample.mask_index] > 0, 255, 0).astype(np.uint8)
         else:
-            if os.path.isfile(sample.mask) and os.path.getsize(sample.mask) == 0:
-                raise ValueError(f"{sample.mask}: empty file")
-            try:
-                with Image.open(sample.mask) as m:
-                    raw = (np.asarray(m.convert("L")) > 127).astype(np.float32)
-            except (UnidentifiedImageError, OSError, SyntaxError) as err:
-                raise ValueError(f"{sample.mask}: not a readable mask image ({err})") from None
-        if raw.shape[::-1] != original:
-            raise ValueError(f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {sample.image} is "
-                             f"{original[0]}x{original[1]}")
-        mask = np.asarray(_geometry(Image.fromarray(raw), size, squash), np.float32)
+            m = read_mask(sample.mask)
+        if m.shape != raw.shape[:2]:
+            raise ValueError(f"{display(sample.mask)}: mask is {m.shape[1]}x{m.shape[0]} but its image "
+                             f"{display(sample.image)} is {raw.shape[1]}x{raw.shape[0]}")
+        mask = preprocess.resize_mask(m, resize=size, crop=size, geometry=geometry, name=display(sample.mask))
     return {"image": image, "mask": mask, "label": sample.label, "kind": sample.kind, "name": sample.name}
 
 

@@ -26,7 +26,7 @@ def _features():
     zlib = tfds.features.Encoding.ZLIB
     return tfds.features.FeaturesDict({
         "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding=zlib),
-        "mask": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding=zlib),
+        "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
         "label": np.int64,
         "index": np.int64,
         "kind": tfds.features.Text(),
@@ -42,7 +42,8 @@ class CategoryConfig(tfds.core.BuilderConfig):
 class _PaperDataset(tfds.core.GeneratorBasedBuilder):
     """Shared body: one category per config, `train` and `test` splits from the manual folder."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Masks stored as uint8 0..255 (not yet binarised); hidden files skipped."}
     DATASET = ""
 
     def _info(self):

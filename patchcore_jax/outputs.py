@@ -1,0 +1,171 @@
+"""Output folders that a command owns: it writes only inside them and deletes only what it wrote.
+
+An output folder carries a marker file (`MARKER`): its first line names the command that owns it;
+every later line is the relative path of a file the command is about to write, appended (and flushed)
+before the file is created, so even a killed run leaves a complete record of what it may have written.
+- `OutputDir.claim(path, command)` takes a folder that does not exist, an empty one, or an earlier
+  output of the same command; anything else (a user's folder, another command's output, a file) is
+  refused with one line naming it, before any work. On an earlier output, the files it recorded are
+  removed (unless `keep=True`, for resumable commands), so no stale result survives beside new ones;
+  files the user put there are left alone.
+- Files are written atomically (a temporary sibling, then a rename) unless streamed on purpose
+  (`open_stream`, e.g. `scores.csv`, whose rows appear as they are computed).
+- Folders holding the marker are never read back as input (`data.images.list_images`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Callable
+
+from patchcore_jax.data.images import OUTPUT_MARKER, display
+
+MARKER = OUTPUT_MARKER
+_TMP = ".tmp-patchcore-jax"
+
+
+class OutputDir:
+    """A claimed output folder; see the module docstring."""
+
+    def __init__(self, root: str, command: str, written: list[str]):
+        self.root, self.command = root, command
+        self._written = set(written)
+
+    # -- claiming ----------------------------------------------------------------------------------
+    @staticmethod
+    def check(path, command: str) -> str:
+        """Refuses (ValueError naming it) a path `claim` would not take; returns it absolute."""
+        path = os.path.abspath(os.fsdecode(path))
+        where = display(path)
+        if os.path.islink(path) and not os.path.isdir(path):
+            raise ValueError(f"{where}: is a broken symbolic link; refusing to write there")
+        if not os.path.lexists(path):
+            ancestor = os.path.dirname(path)
+            while not os.path.exists(ancestor):
+                ancestor = os.path.dirname(ancestor)
+            if not os.path.isdir(ancestor):
+                raise ValueError(f"{where}: cannot be created ({display(ancestor)} is a file)")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ValueError(f"{where}: cannot be created ({display(ancestor)} is not writable)")
+            return path
+        if not os.path.isdir(path):
+            raise ValueError(f"{where}: exists and is not a folder; give a new or empty folder as --out")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{where}: is not writable")
+        names = os.listdir(path)
+        if not names:
+            return path
+        owner = _owner(path)
+        if owner is None:
+            raise ValueError(f"{where}: exists and is not empty, and was not written by patchcore-jax {command}; "
+                             "give a new or empty folder as --out")
+        if owner != command:
+            raise ValueError(f"{where}: is an output of 'patchcore-jax {owner}', not of '{command}'; "
+                             "give another folder as --out")
+        return path
+
+    @classmethod
+    def claim(cls, path, command: str, *, keep: bool = False) -> "OutputDir":
+        path = cls.check(path, command)
+        os.makedirs(path, exist_ok=True)
+        marker = os.path.join(path, MARKER)
+        written = _recorded(path) if os.path.exists(marker) else []
+        if not keep:
+            _remove(path, written)
+            written = []
+        with open(marker + _TMP, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"owner": "patchcore-jax", "command": command}) + "\n")
+            for rel in written:
+                f.write(json.dumps(rel) + "\n")
+        os.replace(marker + _TMP, marker)
+        return cls(path, command, written)
+
+    # -- writing -----------------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def _record(self, rel: str) -> str:
+        rel = os.path.normpath(rel)
+        if rel.startswith("..") or os.path.isabs(rel) or rel == MARKER:
+            raise ValueError(f"{display(rel)}: not a path inside the output folder")
+        if rel not in self._written:
+            with open(self.path(MARKER), "a", encoding="utf-8") as f:
+                f.write(json.dumps(rel) + "\n")
+                f.flush()
+            self._written.add(rel)
+        target = self.path(rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return target
+
+    def write(self, rel: str, writer: Callable[[str], None]) -> str:
+        """Atomically creates `rel`: `writer(temporary_path)` writes the content, then it is renamed."""
+        target = self._record(rel)
+        tmp = target + _TMP
+        try:
+            writer(tmp)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return target
+
+    def write_text(self, rel: str, text: str) -> str:
+        def writer(tmp):
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return self.write(rel, writer)
+
+    def write_json(self, rel: str, data) -> str:
+        return self.write_text(rel, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+    def open_stream(self, rel: str, *, newline: str = ""):
+        """A text file written as the work goes (line-buffered), e.g. `scores.csv`."""
+        target = self._record(rel)
+        return open(target, "w", encoding="utf-8", newline=newline, buffering=1)
+
+
+def _owner(path: str) -> str | None:
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            head = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    if isinstance(head, dict) and head.get("owner") == "patchcore-jax" and isinstance(head.get("command"), str):
+        return head["command"]
+    return None
+
+
+def _recorded(path: str) -> list[str]:
+    out = []
+    with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+        next(f, None)
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rel = json.loads(line)
+                if isinstance(rel, str):
+                    out.append(rel)
+    return out
+
+
+def _remove(root: str, written: list[str]) -> None:
+    """Deletes the recorded files (and their temporaries), then the folders they leave empty."""
+    folders = set()
+    for rel in written:
+        rel = os.path.normpath(rel)
+        if rel.startswith("..") or os.path.isabs(rel) or rel == MARKER:
+            continue  # a damaged record never reaches outside the folder
+        for p in (os.path.join(root, rel), os.path.join(root, rel) + _TMP):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                os.remove(p)
+        parent = os.path.dirname(rel)
+        while parent:
+            folders.add(parent)
+            parent = os.path.dirname(parent)
+    for folder in sorted(folders, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(root, folder))  # only if empty
