@@ -9,7 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
-from patchcore_jax.backbone import ARCHITECTURES, LAYER_NAMES
+from patchcore_jax.backbone import ARCHITECTURES, layer_names
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -19,8 +19,8 @@ class PatchCoreConfig:
     """Settings of a PatchCore model; defaults are the paper's main configuration.
 
     Attributes:
-      backbone: torchvision ResNet name; weights: state-dict path, or None (random, not pretrained).
-      layers: feature hierarchies j, finest first.
+      backbone: torchvision name (`backbone.ARCHITECTURES`); weights: state-dict path, or None (random, not pretrained).
+      layers: feature hierarchies j, finest first, among `backbone.layer_names(backbone)`.
       resize, crop: shorter side resized to `resize`, then a centred `crop x crop` square.
       patch_size, stride, pretrain_dim, target_dim: the patch aggregation (API.md).
       coreset_fraction: the paper's PatchCore-n% (0.1 = 10%); 1.0 keeps the whole bank.
@@ -56,9 +56,10 @@ class PatchCoreConfig:
         object.__setattr__(self, "layers", tuple(self.layers))
         if self.backbone not in ARCHITECTURES:
             raise ValueError(f"backbone: expected one of {sorted(ARCHITECTURES)}, got {self.backbone!r}")
-        if not self.layers or any(name not in LAYER_NAMES for name in self.layers):
-            raise ValueError(f"layers: expected a non-empty tuple of {LAYER_NAMES}, got {self.layers!r}")
-        if list(self.layers) != sorted(self.layers, key=LAYER_NAMES.index) or len(set(self.layers)) != len(self.layers):
+        taps = layer_names(self.backbone)
+        if not self.layers or any(name not in taps for name in self.layers):
+            raise ValueError(f"layers: expected a non-empty tuple of {taps} for {self.backbone}, got {self.layers!r}")
+        if list(self.layers) != sorted(self.layers, key=taps.index) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers: expected distinct layers, finest first, got {self.layers!r}")
         for name in ("resize", "crop", "patch_size", "stride", "pretrain_dim", "target_dim", "num_starts",
                      "num_neighbors", "batch_size"):
