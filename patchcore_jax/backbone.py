@@ -201,8 +201,8 @@ class DenseBlock(nnx.Module):
     def __init__(self, num_layers, cin, growth_rate, bn_size, *, rngs, precision, dtype):
         self.num_layers = num_layers
         for i in range(num_layers):
-            setattr(self, f"denselayer{i + 1}",
-                    DenseLayer(cin + i * growth_rate, growth_rate, bn_size, rngs=rngs, precision=precision, dtype=dtype))
+            layer = DenseLayer(cin + i * growth_rate, growth_rate, bn_size, rngs=rngs, precision=precision, dtype=dtype)
+            setattr(self, f"denselayer{i + 1}", layer)
 
     def __call__(self, x):
         # torchvision concatenates the whole list before every layer; growing one array by each

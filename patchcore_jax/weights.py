@@ -25,7 +25,9 @@ _BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running
 _BN_TORCH_NAMES = {flax: torch for torch, flax in _BN_NAMES.items()}
 # torchvision's densenet._load_state_dict: '.' is no longer allowed in module names, so the old
 # `norm.1`, `relu.1`, `conv.1`, `norm.2`, ... of a dense layer became `norm1`, `conv1`, `norm2`, ...
-_LEGACY_DENSE_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_DENSE_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

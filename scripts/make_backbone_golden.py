@@ -42,8 +42,8 @@ def write_values(arch: str) -> None:
     taps = backbone.default_layers(arch)
     feats = _synthetic_weights.torchvision_taps(model, images, taps)
     path = os.path.join(OUT_DIR, f"backbone_golden_{arch}.npz")
-    np.savez_compressed(path, images=images, seed=np.array(SEED), **feats,
-                        torch_version=np.array(torch.__version__), torchvision_version=np.array(torchvision.__version__))
+    versions = dict(torch_version=np.array(torch.__version__), torchvision_version=np.array(torchvision.__version__))
+    np.savez_compressed(path, images=images, seed=np.array(SEED), **feats, **versions)
     print(path, {k: v.shape for k, v in feats.items()}, f"{os.path.getsize(path)} bytes")
 
 

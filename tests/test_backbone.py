@@ -2,7 +2,7 @@ import gzip
 import importlib.util
 import json
 import os
-import warnings
+import re
 
 import jax
 import numpy as np
@@ -123,15 +123,18 @@ def test_deeper_densenet_keys_are_accepted():
 def test_legacy_densenet_keys_are_renamed():
     # torchvision's published DenseNet files name `denselayer1.norm.1.weight` what is now `norm1.weight`.
     modern = _synthetic_state("densenet121", 0, layers=("denseblock1",))
-    legacy = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in modern.items()}
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in modern.items()}
     assert "features.denseblock1.denselayer3.norm.1.running_var" in legacy
+    assert "features.denseblock1.denselayer6.conv.2.weight" in legacy
+    assert not any(re.search(r"denselayer\d+\.(norm|conv)[12]\.", k) for k in legacy)
     assert "features.norm0.weight" in legacy and "features.conv0.weight" in legacy  # not dense-layer keys
     a, b = _abstract("densenet121", ("denseblock1",)), _abstract("densenet121", ("denseblock1",))
     weights.load_into(a, modern, arch="densenet121")
     weights.load_into(b, legacy, arch="densenet121")
     for (path, va), (_, vb) in zip(nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))):
         np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()), err_msg=str(path))
-    both = {**modern, "features.denseblock1.denselayer1.norm.1.weight": modern["features.denseblock1.denselayer1.norm1.weight"]}
+    both = dict(modern)
+    both["features.denseblock1.denselayer1.norm.1.weight"] = modern["features.denseblock1.denselayer1.norm1.weight"]
     with pytest.raises(ValueError, match=r"unexpected \(1\): features.denseblock1.denselayer1.norm.1.weight"):
         weights.load_into(a, both, arch="densenet121")
 
@@ -150,7 +153,8 @@ def test_bad_state_dicts_name_every_problem():
     # A ResNet's ungrouped kernel does not fit ResNeXt's grouped one; a ResNet file does not fit a DenseNet.
     grouped = _synthetic_state("resnext50_32x4d", 0, layers=("layer1",))
     grouped["layer1.0.conv2.weight"] = np.zeros((128, 128, 3, 3), np.float32)
-    with pytest.raises(ValueError, match=r"mis-shaped \(1\): layer1.0.conv2.weight: \(128, 128, 3, 3\) != \(128, 4, 3, 3\)"):
+    msg = r"mis-shaped \(1\): layer1.0.conv2.weight: \(128, 128, 3, 3\) != \(128, 4, 3, 3\)"
+    with pytest.raises(ValueError, match=msg):
         weights.load_into(_abstract("resnext50_32x4d", ("layer1",)), grouped, arch="resnext50_32x4d")
     with pytest.raises(ValueError, match=r"do not fit densenet121: missing \(\d+\): features.conv0.weight.*unexpected"):
         weights.load_into(_abstract("densenet121", ("denseblock1",)), state, arch="densenet121")
