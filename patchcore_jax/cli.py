@@ -26,6 +26,7 @@ OPTION_OF = {
     "backbone": "--backbone", "weights": "--weights", "resize": "--resize", "crop": "--crop",
     "coreset_fraction": "--coreset", "num_neighbors": "--neighbors", "seed": "--seed", "batch_size": "--batch-size",
     "projection_dim": "--projection-dim", "coreset_dtype": "--coreset-dtype", "geometry": "--geometry",
+    "layers": "--layers",
 }
 
 
@@ -71,7 +72,10 @@ def _config_from_args(args, **overrides):
 
 def _add_model_options(p, *, coreset_default=None):
     p.add_argument("--weights", help="torchvision/timm state dict (.safetensors, or .pth with torch installed)")
-    p.add_argument("--backbone", help="torchvision ResNet name (default wide_resnet50_2)")
+    p.add_argument("--backbone", help="torchvision name: resnet18/34/50/101, wide_resnet50_2/101_2, "
+                                      "resnext50_32x4d, resnext101_32x8d, densenet121/169/201 (default wide_resnet50_2)")
+    p.add_argument("--layers", nargs="+", help="feature taps, finest first (default layer2 layer3; DenseNet: "
+                                                "denseblock2 denseblock3)")
     p.add_argument("--coreset", dest="coreset_fraction", type=float, default=coreset_default,
                    help="coreset fraction, the paper's PatchCore-n%% (default 0.1)")
     p.add_argument("--resize", type=int, help="shorter side after resizing (default 256)")

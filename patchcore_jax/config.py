@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from patchcore_jax.backbone import ARCHITECTURES, LAYER_NAMES
+from patchcore_jax.backbone import ARCHITECTURES, default_layers, layer_names
 
 _DTYPES = ("float32", "bfloat16")
 GEOMETRIES = ("center_crop", "squash")
@@ -25,8 +25,10 @@ class PatchCoreConfig:
     """Settings of a PatchCore model; defaults are the paper's main configuration.
 
     Attributes:
-      backbone: torchvision ResNet name; weights: state-dict path, or None (random, not pretrained).
-      layers: feature hierarchies j, finest first.
+      backbone: torchvision name (`backbone.ARCHITECTURES`); weights: state-dict path, or None (random, not pretrained).
+      layers: feature hierarchies j, finest first, among `backbone.layer_names(backbone)`; None (the
+        default) takes the backbone's natural pair, `backbone.default_layers(backbone)`: layer2 +
+        layer3, or denseblock2 + denseblock3 for DenseNet.
       resize, crop: shorter side resized to `resize`, then a centred `crop x crop` square.
       geometry: "center_crop" (the above, torchvision's Resize + CenterCrop) or "squash" (the whole
         image resized to `crop x crop`, ignoring its aspect, as the mSTC protocol does).
@@ -43,7 +45,7 @@ class PatchCoreConfig:
 
     backbone: str = "wide_resnet50_2"
     weights: str | None = None
-    layers: tuple[str, ...] = ("layer2", "layer3")
+    layers: tuple[str, ...] | None = None
     resize: int = 256
     crop: int = 224
     geometry: str = "center_crop"
@@ -62,12 +64,16 @@ class PatchCoreConfig:
     batch_size: int = 8
 
     def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(self.layers))
         if not isinstance(self.backbone, str) or self.backbone not in ARCHITECTURES:
             raise ValueError(f"backbone: expected one of {sorted(ARCHITECTURES)}, got {self.backbone!r}")
-        if not self.layers or any(name not in LAYER_NAMES for name in self.layers):
-            raise ValueError(f"layers: expected a non-empty tuple of {LAYER_NAMES}, got {self.layers!r}")
-        if list(self.layers) != sorted(self.layers, key=LAYER_NAMES.index) or len(set(self.layers)) != len(self.layers):
+        if isinstance(self.layers, str):
+            raise ValueError(f"layers: expected a sequence of layer names, got the string {self.layers!r}")
+        layers = default_layers(self.backbone) if self.layers is None else tuple(self.layers)
+        object.__setattr__(self, "layers", layers)
+        taps = layer_names(self.backbone)
+        if not self.layers or any(name not in taps for name in self.layers):
+            raise ValueError(f"layers: expected a non-empty tuple of {taps} for {self.backbone}, got {self.layers!r}")
+        if list(self.layers) != sorted(self.layers, key=taps.index) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers: expected distinct layers, finest first, got {self.layers!r}")
         for name in ("resize", "crop", "patch_size", "stride", "pretrain_dim", "target_dim", "num_starts",
                      "num_neighbors", "batch_size"):

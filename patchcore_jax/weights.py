@@ -1,15 +1,21 @@
-"""Reading torchvision/timm ResNet state dicts and mapping them onto the Flax modules.
+"""Reading torchvision/timm state dicts (ResNet, ResNeXt, DenseNet) and mapping them onto the Flax modules.
 
 Formats: `.safetensors` through `safetensors.numpy` (no torch needed), or `.pth`/`.pt` through
-`torch.load(weights_only=True)` when torch is installed (never a plain unpickle). Layouts are mapped
-OIHW -> HWIO for convolutions; BatchNorm `weight, bias, running_mean, running_var` -> `scale, bias,
-mean, var`. Keys of stages the extractor does not compute (deeper layers, `fc`) are accepted and
-ignored; anything else that does not fit is reported at once: missing, unexpected and mis-shaped keys.
+`torch.load(weights_only=True)` when torch is installed (never a plain unpickle). Key names are the
+modules' attribute paths, so the mapping is the same for every architecture: layouts OIHW -> HWIO for
+convolutions (grouped ones included: torch's `(O, I/groups, H, W)` becomes Flax's `(H, W, I/groups, O)`);
+BatchNorm `weight, bias, running_mean, running_var` -> `scale, bias, mean, var`. DenseNet checkpoints
+of the old layout (`denselayer1.norm.1.weight`, that of torchvision's published .pth files) are renamed
+to the modern keys (`denselayer1.norm1.weight`) as torchvision's and timm's loaders do. Keys of stages
+the extractor does not compute (deeper stages, the classifier head; each model lists their prefixes in
+`unused_prefixes`) are accepted and ignored; anything else that does not fit is reported at once:
+missing, unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Mapping
 
 import numpy as np
@@ -17,6 +23,11 @@ from flax import nnx
 
 _BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 _BN_TORCH_NAMES = {flax: torch for torch, flax in _BN_NAMES.items()}
+# torchvision's densenet._load_state_dict: '.' is no longer allowed in module names, so the old
+# `norm.1`, `relu.1`, `conv.1`, `norm.2`, ... of a dense layer became `norm1`, `conv1`, `norm2`, ...
+_LEGACY_DENSE_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -83,15 +94,25 @@ def expected_keys(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def _ignorable(key: str, model: nnx.Module) -> bool:
     """Keys of stages the truncated model does not compute, and BatchNorm's step counters."""
-    if key.endswith("num_batches_tracked") or key.startswith("fc."):
-        return True
-    head = key.split(".", 1)[0]
-    return head.startswith("layer") and not hasattr(model, head)
+    return key.endswith("num_batches_tracked") or key.startswith(tuple(getattr(model, "unused_prefixes", ())))
+
+
+def modernise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Renames old-layout DenseNet keys (`denselayer1.norm.1.weight` -> `denselayer1.norm1.weight`);
+    other keys pass unchanged. A legacy key whose modern name is also present is kept as it is, so it
+    is reported as unexpected rather than silently overwriting."""
+    out = dict(state)
+    for key in state:
+        match = _LEGACY_DENSE_KEY.match(key)
+        if match and match.group(1) + match.group(2) not in state:
+            out[match.group(1) + match.group(2)] = out.pop(key)
+    return out
 
 
 def load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *, arch: str = "model") -> None:
     """Copies a torchvision-named state dict into `model` in place, or raises ValueError listing
     every missing, unexpected and mis-shaped key."""
+    state = modernise_keys(state)
     want = expected_keys(model)
     missing = sorted(set(want) - set(state))
     unexpected = sorted(k for k in set(state) - set(want) if not _ignorable(k, model))

@@ -314,3 +314,17 @@ def test_files_and_folders_follow_the_umask(data, tmp_path, umask):
     assert stat.S_IMODE(os.stat(tmp_path / "model").st_mode) == 0o777 & ~umask
     for name in os.listdir(tmp_path / "model"):
         assert stat.S_IMODE(os.stat(tmp_path / "model" / name).st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("arch", ["resnext50_32x4d", "densenet121"])
+def test_other_backbones_round_trip(data, tmp_path, arch):
+    """The stored backbone (torchvision names and layouts) reads back exactly for grouped convolutions
+    and dense blocks too."""
+    from patchcore_jax.backbone import layer_names
+
+    model = tiny(backbone=arch, layers=layer_names(arch)[:1], crop=32, resize=32).fit(data["train"][:2])
+    model.save(tmp_path / "m")
+    want, want_maps = model.predict(data["test"][:2])
+    got, got_maps = PatchCore.load(tmp_path / "m", progress=False).predict(data["test"][:2])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_maps, want_maps)
