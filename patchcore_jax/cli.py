@@ -98,16 +98,19 @@ def _new_model(cfg, *, quiet: bool):
         return PatchCore(cfg, progress=not quiet)
 
 
-def _list_checked(paths, *, what: str, exclude=()):
-    """Lists image files and reads every header now, so a bad file stops the run before any work."""
+def _list_checked(paths, cfg, *, what: str, exclude=()):
+    """Lists image files and reads every header now (mode, size, and the size after resizing), so a
+    bad file stops the run before any work."""
     from patchcore_jax.data.images import check_image, display, list_images
+    from patchcore_jax.preprocess import check_geometry
 
     found = list_images(paths, exclude=exclude)
     if not found:
         raise UsageError(f"{' '.join(display(p) for p in ([paths] if isinstance(paths, str) else paths))}: "
                          f"no {what} found (looked for .png, .jpg, .bmp, .tif, ... files; hidden files are skipped)")
     for p in found:
-        check_image(p)
+        h, w = check_image(p)
+        check_geometry(h, w, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=display(p))
     return found
 
 
@@ -189,8 +192,8 @@ def cmd_fit(args) -> int:
         raise UsageError(f"--quantile {args.quantile}: expected a number in [0, 1]") from None
     persistence.check_target(args.out)
     out_abs = os.path.abspath(args.out)
-    paths = _list_checked(args.train, what="training images", exclude=[out_abs])
-    held = _list_checked(args.threshold_from, what="held-out images", exclude=[out_abs]) if args.threshold_from else []
+    paths = _list_checked(args.train, cfg, what="training images", exclude=[out_abs])
+    held = _list_checked(args.threshold_from, cfg, what="held-out images", exclude=[out_abs]) if args.threshold_from else []
     model = _new_model(cfg, quiet=args.quiet)
     _check_bank_size(model, len(paths))
     if cfg.weights is None:
@@ -230,7 +233,7 @@ def cmd_predict(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         model = PatchCore.load(args.model, progress=not args.quiet)
-    paths = _list_checked(args.images, what="images", exclude=[out_abs])
+    paths = _list_checked(args.images, model.config, what="images", exclude=[out_abs])
     if threshold is not None:
         model.threshold = threshold
     if model.config.weights is None:

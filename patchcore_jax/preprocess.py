@@ -48,14 +48,22 @@ def _geometry(height: int, width: int, *, resize: int, crop: int, geometry: str)
     return (rh, rw), (int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0)))
 
 
-def _apply(im: Image.Image, *, resize: int, crop: int, geometry: str, name: str, max_pixels: int | None) -> np.ndarray:
+def check_geometry(height: int, width: int, *, resize: int, crop: int, geometry: str = "center_crop",
+                   name: str = "image", max_pixels: int | None = MAX_PIXELS) -> None:
+    """Refuses (ValueError naming the image) an image whose resized size would exceed `max_pixels`
+    (e.g. 1 x 3000 pixels: its shorter side to 256 makes it 256 x 768000)."""
     if geometry not in GEOMETRIES:
         raise ValueError(f"geometry: expected one of {GEOMETRIES}, got {geometry!r}")
-    w, h = im.size
-    (rh, rw), (top, left) = _geometry(h, w, resize=resize, crop=crop, geometry=geometry)
+    (rh, rw), _ = _geometry(height, width, resize=resize, crop=crop, geometry=geometry)
     if max_pixels is not None and rh * rw > max_pixels:
-        raise ValueError(f"{name}: {w}x{h} pixels would be resized to {rw}x{rh} (shorter side {resize}), more "
-                         f"than the limit of {max_pixels} pixels; crop it to a less elongated shape first")
+        raise ValueError(f"{name}: {width}x{height} pixels would be resized to {rw}x{rh} (shorter side {resize}), "
+                         f"more than the limit of {max_pixels} pixels; crop it to a less elongated shape first")
+
+
+def _apply(im: Image.Image, *, resize: int, crop: int, geometry: str, name: str, max_pixels: int | None) -> np.ndarray:
+    w, h = im.size
+    check_geometry(h, w, resize=resize, crop=crop, geometry=geometry, name=name, max_pixels=max_pixels)
+    (rh, rw), (top, left) = _geometry(h, w, resize=resize, crop=crop, geometry=geometry)
     if (rh, rw) != (h, w):
         im = im.resize((rw, rh), Image.BILINEAR)
     return np.asarray(im.crop((left, top, left + crop, top + crop)))

@@ -224,3 +224,32 @@ def test_a_killed_predict_leaves_the_rows_it_scored(project, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == files[:8]  # the first batch, complete and in order
     assert all(float(r["score"]) >= 0 for r in rows)
+
+
+def test_hostile_files_are_named_before_any_work(project, tmp_path):
+    from PIL import Image
+
+    from patchcore_jax import weights
+    from patchcore_jax.backbone import build
+
+    cases = {
+        # A tiny 1 x 20000 file: at resize 72 it would become 72 x 1440000 pixels.
+        "line.png": lambda p: Image.fromarray(np.zeros((1, 20000), np.uint8)).save(p),
+        "huge.png": lambda p: Image.new("1", (12000, 12000)).save(p),  # 17 KB file, 144 M pixels
+        "hdr.tif": lambda p: Image.fromarray(np.full((8, 8), 3.0, np.float32)).save(p),
+    }
+    for name, make in cases.items():
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(folder / "ok.png")
+        make(folder / name)
+        r = run("fit", "--train", str(folder), "--out", str(tmp_path / f"m-{name}"), *SMALL)
+        assert r.returncode == 2 and name in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / f"m-{name}").exists()
+    state = weights.state_dict_of(build("resnet18", ("layer2", "layer3")))
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = np.nan
+    weights.save_safetensors(state, tmp_path / "nan.safetensors")
+    r = run("fit", "--train", str(project / "train"), "--out", str(tmp_path / "m-nan"), "--weights",
+            str(tmp_path / "nan.safetensors"), *SMALL)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "nan.safetensors" in r.stderr and "NaN or infinite values in 1 tensors: layer2.0.conv1.weight" in r.stderr

@@ -169,12 +169,17 @@ def _open(path: str, max_pixels: int | None) -> Image.Image:
 
 
 def check_image(path, *, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
-    """Reads only the header: `(height, width)`, or ValueError naming the file (not an image,
-    unsupported mode, too many pixels). Cheap; used to validate inputs before any work."""
+    """Reads the header: `(height, width)`, or ValueError naming the file (not an image, unsupported
+    mode, too many pixels). Cheap; used to validate inputs before any work. 32-bit integer and float
+    images are decoded too, since their value range decides whether they can be read."""
     path = os.fsdecode(path)
     with _open(path, max_pixels) as im:
         _check_mode(path, im.mode)
-        return im.size[1], im.size[0]
+        size = im.size[1], im.size[0]
+        value_checked = im.mode in ("I", "F")
+    if value_checked:  # their values decide whether they can be read: decode them now
+        read_image(path, max_pixels=max_pixels)
+    return size
 
 
 def _check_mode(path: str, mode: str) -> None:
