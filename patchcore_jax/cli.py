@@ -54,12 +54,21 @@ def _config_from_args(args, **overrides):
 
     fields = {name: getattr(args, name) for name in OPTION_OF if getattr(args, name, None) is not None}
     if fields.get("weights"):
+        from patchcore_jax import hub
+
         weights = fields["weights"]
-        if not os.path.isfile(weights):
-            raise UsageError(f"--weights {weights}: no such file")
-        if not weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
-            raise UsageError(f"--weights {weights}: expected a .safetensors or .pth state dict")
-        fields["weights"] = os.path.abspath(weights)
+        if hub.repo_of(weights) is not None:
+            try:
+                hub.resolve(weights)  # fetched (or found in the cache) now, before any work
+            except ValueError as err:
+                raise UsageError(f"--weights {err}") from None
+        else:
+            if not os.path.isfile(weights):
+                raise UsageError(f"--weights {weights}: no such file (nor a known name: an alias such as "
+                                 f"{', '.join(sorted(hub.ALIASES)[:4])}, ... or a Hub repository org/name)")
+            if not weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
+                raise UsageError(f"--weights {weights}: expected a .safetensors or .pth state dict")
+            fields["weights"] = os.path.abspath(weights)
     fields.update(overrides)
     try:
         return PatchCoreConfig(**fields)
@@ -71,7 +80,9 @@ def _config_from_args(args, **overrides):
 
 
 def _add_model_options(p, *, coreset_default=None):
-    p.add_argument("--weights", help="torchvision/timm state dict (.safetensors, or .pth with torch installed)")
+    p.add_argument("--weights", help="torchvision/timm state dict (.safetensors, or .pth with torch installed), or a "
+                                      "name fetched once through the Hugging Face cache: timm/wide_resnet50_2.tv_in1k, "
+                                      "or an alias (wrn50, wrn101, r18, r50, rx101, dn201, ...)")
     p.add_argument("--backbone", help="torchvision name: resnet18/34/50/101, wide_resnet50_2/101_2, "
                                       "resnext50_32x4d, resnext101_32x8d, densenet121/169/201 (default wide_resnet50_2)")
     p.add_argument("--layers", nargs="+", help="feature taps, finest first (default layer2 layer3; DenseNet: "
@@ -136,15 +147,20 @@ def cmd_demo(args) -> int:
     cfg = _config_from_args(args)
     OutputDir.check(args.out, "demo")
     model = _new_model(cfg, quiet=args.quiet)
-    _check_bank_size(model, args.train)
+    _check_bank_size(model, max(1, args.train - args.train // 5))
     out = OutputDir.claim(args.out, "demo")
     _say(f"patchcore-jax demo: synthetic defects (scratch, spot, missing piece, colour change), backbone {cfg.backbone}, "
          f"coreset {cfg.coreset_fraction:.0%}, Eq. 7 with b={cfg.num_neighbors}")
     if cfg.weights is None:
         _say(RANDOM_BACKBONE_NOTE)
     data = make_synthetic(seed=args.data_seed, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect)
-    model.fit(data["train"])
+    model.fit(data["train"][: max(1, args.train - args.train // 5)])
+    held = data["train"][max(1, args.train - args.train // 5):]
     _say(f"memory bank: {model.num_patches_seen} patches -> coreset of {model.bank.shape[0]} x {model.bank.shape[1]}")
+    if len(held):
+        model.calibrate(held)
+        _say(f"thresholds from {len(held)} held-out good image{'s' if len(held) != 1 else ''}: image {model.threshold:.4g}, pixel "
+             f"{model.pixel_threshold.value:.4g}")
     preds = list(model.predict_iter(data["test"]))
     scores, maps = np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
     masks = preprocess_masks(data["masks"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
@@ -161,11 +177,13 @@ def cmd_demo(args) -> int:
          f"maps {agreement['anomaly_maps_max_rel_diff']:.2e}, patch features {agreement['features_max_rel_diff']:.2e}, "
          f"coreset indices equal {agreement['coreset_same_indices']:.0%}")
     names = [f"test_{i:03d}_{k}" for i, k in enumerate(data["kinds"])]
-    vmin, vmax = visualize.map_range(model)
+    scale = model.color_scale()
     shown = list(range(0, len(names), max(1, len(names) // 12)))
     for i in shown:
         out.write(os.path.join("heatmaps", f"{names[i]}.png"),
-                  lambda tmp, i=i: visualize.save_overlay(tmp, preds[i].crop, maps[i], masks[i], vmin=vmin, vmax=vmax))
+                  lambda tmp, i=i: visualize.draw_panel(tmp, image=preds[i].crop, amap=maps[i], mask=masks[i], scale=scale,
+                                                        score=preds[i].score, image_threshold=model.threshold,
+                                                        name=names[i]))
     summary = {
         "dataset": "synthetic",
         "pretrained_backbone": cfg.weights is not None,
@@ -181,8 +199,21 @@ def cmd_demo(args) -> int:
 
 
 # -- fit / predict --------------------------------------------------------------------------------------
+def _validation_set(folder, cfg, *, exclude):
+    """A labelled folder: `good/` holds nominal images, every other sub-folder defective ones; masks,
+    when the folder has `ground_truth/<kind>/<name>_mask.png` (MVTec's layout), for every defect."""
+    from patchcore_jax.data.datasets import labelled_folder
+
+    paths, labels, masks = labelled_folder(folder)
+    _list_checked(paths, cfg, what="validation images", exclude=exclude)
+    if labels.all() or not labels.any():
+        raise UsageError(f"--validation {folder}: expected good/ and at least one defect folder, with images in both")
+    return paths, labels, masks
+
+
 def cmd_fit(args) -> int:
     from patchcore_jax import persistence
+    from patchcore_jax.data.images import check_image, read_mask
     from patchcore_jax.model import check_quantile
 
     cfg = _config_from_args(args)
@@ -194,70 +225,96 @@ def cmd_fit(args) -> int:
     out_abs = os.path.abspath(args.out)
     paths = _list_checked(args.train, cfg, what="training images", exclude=[out_abs])
     held = _list_checked(args.threshold_from, cfg, what="held-out images", exclude=[out_abs]) if args.threshold_from else []
+    validation = _validation_set(args.validation, cfg, exclude=[out_abs]) if args.validation else None
     model = _new_model(cfg, quiet=args.quiet)
     _check_bank_size(model, len(paths))
     if cfg.weights is None:
         _say(RANDOM_BACKBONE_NOTE, sys.stderr)
     model.fit(paths)
     if held:
-        scores, _ = model.predict(held)
-        model.fit_threshold(scores, quantile=args.quantile)
-        _say(f"threshold {model.threshold:.6g} from {len(held)} held-out good images (quantile {args.quantile})")
+        model.calibrate(held, quantile=args.quantile)
+        _say(f"thresholds from {len(held)} held-out good images (quantile {args.quantile}): image {model.threshold:.6g}, "
+             f"pixel {model.pixel_threshold.value:.6g}")
+    if validation is not None:
+        paths_v, labels_v, masks_v = validation
+        masks = None if masks_v is None else [np.zeros(check_image(p), np.uint8) if m is None else read_mask(m)
+                                              for p, m in zip(paths_v, masks_v)]
+        report = model.calibrate_f1(paths_v, labels_v, masks, mask_rule=args.mask_rule)
+        for kind in ("image", "pixel"):
+            if kind in report:
+                r = report[kind]
+                _say(f"{kind} threshold {r['threshold']:.6g}, F1-optimal on {len(paths_v)} validation images: "
+                     f"precision {r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f}")
     model.save(args.out)
     _say(f"fitted on {len(paths)} images: {model.num_patches_seen} patches -> bank {model.bank.shape[0]} x "
          f"{model.bank.shape[1]}; saved {args.out}")
     return 0
 
 
-def _heatmap_names(paths: list[str]) -> list[str]:
-    """Heatmap paths mirroring the inputs' paths relative to their common folder: distinct inputs
-    give distinct names (`a/b.png` -> `a/b.png.png`, `a_b.png` -> `a_b.png.png`)."""
-    absolute = [os.path.abspath(p) for p in paths]
-    base = os.path.commonpath(absolute) if len(set(absolute)) > 1 else os.path.dirname(absolute[0])
-    if base in absolute:  # one file given twice, or a file and nothing else
-        base = os.path.dirname(base)
-    return [os.path.join("heatmaps", os.path.relpath(p, base) + ".png") for p in absolute]
-
-
 def cmd_predict(args) -> int:
     from patchcore_jax import visualize
-    from patchcore_jax.data.images import display
-    from patchcore_jax.model import PatchCore, check_threshold
+    from patchcore_jax.data.images import display, read_image
+    from patchcore_jax.model import PatchCore, Threshold, check_threshold
     from patchcore_jax.outputs import OutputDir
 
-    try:
-        threshold = check_threshold(args.threshold)
-    except ValueError:
-        raise UsageError(f"--threshold {args.threshold}: expected a finite number") from None
+    given = {}
+    for option, value in (("--threshold", args.threshold), ("--pixel-threshold", args.pixel_threshold)):
+        try:
+            given[option] = check_threshold(value)
+        except ValueError:
+            raise UsageError(f"{option} {value}: expected a finite number") from None
     out_abs = OutputDir.check(args.out, "predict")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         model = PatchCore.load(args.model, progress=not args.quiet)
     paths = _list_checked(args.images, model.config, what="images", exclude=[out_abs])
-    if threshold is not None:
-        model.threshold = threshold
+    if given["--threshold"] is not None:
+        model.threshold = given["--threshold"]
+    if given["--pixel-threshold"] is not None:
+        model.pixel_threshold = Threshold(given["--pixel-threshold"], "manual")
     if model.config.weights is None:
         _say("NOTE: this model was fitted with a randomly initialised backbone (no --weights); its scores are weak.",
              sys.stderr)
     out = OutputDir.claim(out_abs, "predict")
-    heatmaps = _heatmap_names(paths) if not args.no_heatmaps else [None] * len(paths)
-    vmin, vmax = visualize.map_range(model)
+    names = _mirrored_names(paths)
+    scale = model.color_scale()
     above = 0
     with out.open_stream("scores.csv") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "score", "anomalous", "heatmap"])
-        for pred, path, heatmap in zip(model.predict_iter(paths), paths, heatmaps):
+        writer.writerow(["path", "score", "normalized_score", "anomalous", "heatmap"])
+        for pred, path, rel in zip(model.predict_iter(paths), paths, names):
             label = "" if model.threshold is None else int(pred.score > model.threshold)
             above += label == 1
-            writer.writerow([display(path), repr(pred.score), label, "" if heatmap is None else display(heatmap)])
+            norm = model.normalized_scores([pred.score])
+            heatmap = None if args.no_heatmaps else os.path.join("heatmaps", rel + ".png")
+            writer.writerow([display(path), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
+                             "" if heatmap is None else display(heatmap)])
+            amap, image = pred.anomaly_map, pred.crop
+            if args.full_frame:
+                amap, image = model.frame_map(pred.anomaly_map, pred.size), read_image(path)
             if heatmap is not None:
-                out.write(heatmap, lambda tmp, p=pred: visualize.save_overlay(tmp, p.crop, p.anomaly_map, None,
-                                                                              vmin=vmin, vmax=vmax))
-    _say(f"scored {len(paths)} images: {out.path('scores.csv')}"
-         + ("" if args.no_heatmaps else f", heatmaps in {out.path('heatmaps')}"))
+                out.write(heatmap, lambda tmp, p=pred, a=amap, im=image, n=display(path): visualize.draw_panel(
+                    tmp, image=im, amap=a, scale=scale, score=p.score, image_threshold=model.threshold, name=n))
+            if args.save_maps:
+                out.write(os.path.join("maps", rel + ".npy"), lambda tmp, a=amap: visualize.save_npy(tmp, a))
+            if args.save_masks:
+                predicted = np.nan_to_num(amap, nan=-np.inf) > model.pixel_threshold.value
+                out.write(os.path.join("masks", rel + ".png"), lambda tmp, m=predicted: visualize.save_mask_png(tmp, m))
+    written = [w for w, on in (("heatmaps", not args.no_heatmaps), ("maps", args.save_maps), ("masks", args.save_masks)) if on]
+    _say(f"scored {len(paths)} images: {out.path('scores.csv')}" + "".join(f", {out.path(w)}" for w in written))
     if model.threshold is not None:
-        _say(f"{above} above threshold {model.threshold:.6g}")
+        _say(f"{above} above the image threshold {model.threshold:.6g} ({model.image_threshold.rule})")
     return 0
+
+
+def _mirrored_names(paths: list[str]) -> list[str]:
+    """Output names mirroring the inputs' paths relative to their common folder: distinct inputs get
+    distinct names (`a/b.png` and `a_b.png` stay apart; `x.png` and `x.jpg` keep their suffixes)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    base = os.path.commonpath(absolute) if len(set(absolute)) > 1 else os.path.dirname(absolute[0])
+    if base in absolute:  # one file given twice
+        base = os.path.dirname(base)
+    return [os.path.relpath(p, base) for p in absolute]
 
 
 # -- evaluate -------------------------------------------------------------------------------------------
@@ -341,8 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", parents=[common], help="build a model from a folder of defect-free images")
     p.add_argument("--train", required=True, help="folder (searched recursively) or image of defect-free images")
     p.add_argument("--out", required=True, help="model folder to write: new, empty, or an earlier model")
-    p.add_argument("--threshold-from", help="folder of held-out good images to set the decision threshold from")
-    p.add_argument("--quantile", type=float, default=1.0, help="quantile of held-out good scores (default 1.0 = max)")
+    p.add_argument("--threshold-from", help="folder of held-out good images: sets the image and pixel thresholds "
+                                            "and the score scale from them")
+    p.add_argument("--quantile", type=float, default=1.0,
+                   help="quantile of the held-out good scores and map values (default 1.0 = max)")
+    p.add_argument("--validation", help="labelled folder (good/ and defect sub-folders; masks in ground_truth/<kind>/"
+                                        "<name>_mask.png when present): F1-optimal image (and pixel) thresholds")
+    p.add_argument("--mask-rule", choices=("published", "half"), default="published",
+                   help="validation masks after resizing: published (only 255 counts) or half (>= 128)")
     _add_model_options(p)
     p.set_defaults(func=cmd_fit)
 
@@ -350,8 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder written by fit")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder, new or an earlier predict's: scores.csv and heatmaps/")
-    p.add_argument("--threshold", type=float, help="decision threshold (overrides the model's)")
-    p.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
+    p.add_argument("--threshold", type=float, help="image threshold (overrides the model's)")
+    p.add_argument("--pixel-threshold", type=float, help="pixel threshold: outlines and masks (overrides the model's)")
+    p.add_argument("--no-heatmaps", action="store_true", help="no heatmap panels")
+    p.add_argument("--save-maps", action="store_true", help="raw anomaly maps as float32 maps/<input>.npy")
+    p.add_argument("--save-masks", action="store_true", help="predicted defect masks (map > pixel threshold) as "
+                                                             "masks/<input>.png")
+    p.add_argument("--full-frame", action="store_true",
+                   help="maps, panels and masks at each image's original size, the region outside the crop marked "
+                        "as not inspected (NaN in the .npy maps)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="fit and evaluate per category on MVTec AD, MTD or mSTC",

@@ -1,7 +1,10 @@
 """The paper's evaluation protocol on MVTec AD, MTD and mSTC, as a library function.
 
 Per category: fit on the nominal training images, score the test set, then image AUROC, pixel AUROC
-over the category's full test set, and AU-PRO (FPR <= 0.3). Each finished category is written at once
+over the category's full test set, and AU-PRO (FPR <= 0.3); a category without ground-truth masks
+(labels only) reports its pixel metrics as not available. Beside them, the F1-optimal ("adaptive")
+image and pixel thresholds on the evaluated set itself, with precision, recall and F1 at them (an
+optimistic figure: the threshold is chosen on the data it is scored on, as anomalib reports it). Each finished category is written at once
 (atomically) to `OUT/categories/<name>.json` with a fingerprint of its inputs (every image and mask
 file's path, size and modification time, and the settings); a rerun reuses a category only when its
 fingerprint is unchanged, and recomputes it otherwise (resumable, never stale). The report
@@ -85,10 +88,16 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
         rec["prediction"] = pred
     scores, maps, masks = np.asarray(scores), np.stack(maps), np.stack(masks)
     labels = np.array([int(r["label"]) for r in meta])
+    has_masks = all(bool(r.get("has_mask", True)) for r in meta)
+    image_f1 = _metric(metrics.f1_optimal_threshold, labels, scores) if labels.any() else None
+    pixel_f1 = _metric(metrics.f1_optimal_threshold, masks, maps) if has_masks and masks.any() else None
     result = {
         "image_auroc": _metric(metrics.image_auroc, labels, scores),
-        "pixel_auroc": _metric(metrics.pixel_auroc, masks, maps),
-        "au_pro": _metric(metrics.au_pro, masks, maps),
+        "pixel_auroc": _metric(metrics.pixel_auroc, masks, maps) if has_masks else None,
+        "au_pro": _metric(metrics.au_pro, masks, maps) if has_masks else None,
+        "masks": "available" if has_masks else "not available (labels only)",
+        "image_threshold_f1": image_f1,
+        "pixel_threshold_f1": pixel_f1,
         "n_train": len(train),
         "n_test": len(test),
         "n_anomalous": int(labels.sum()),
@@ -97,9 +106,15 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
         "scores": [{"name": r["name"], "kind": r["kind"], "label": int(r["label"]), "score": float(s)}
                    for r, s in zip(meta, scores)],
     }
+    from patchcore_jax.model import Threshold
+
+    if image_f1 is not None:
+        model.image_threshold = Threshold(image_f1["threshold"], "F1-optimal on the evaluated test set")
+    if pixel_f1 is not None:
+        model.pixel_threshold = Threshold(pixel_f1["threshold"], "F1-optimal over the evaluated test set's pixels")
     bad, good = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
     pick = sorted(list(bad[: heatmaps - heatmaps // 2]) + list(good[: heatmaps // 2]))[:heatmaps]
-    return result, [(meta[i]["name"], meta[i]["prediction"], masks[i]) for i in pick]
+    return result, [(meta[i]["name"], meta[i]["prediction"], masks[i] if has_masks else None) for i in pick]
 
 
 def _read_previous(path: str) -> dict | None:
@@ -110,7 +125,8 @@ def _read_previous(path: str) -> dict | None:
             data = json.load(f)
         if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
             raise ValueError("not a category result")
-        for key in METRICS + ("n_train", "n_test", "n_anomalous", "bank_size"):
+        for key in METRICS + ("n_train", "n_test", "n_anomalous", "bank_size", "image_threshold_f1",
+                              "pixel_threshold_f1", "scores"):
             data["result"][key]  # noqa: B018 -- every field the report reads must be there
         return data
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
@@ -174,10 +190,12 @@ def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, cate
         if shown:
             from patchcore_jax import visualize
 
-            vmin, vmax = visualize.map_range(model)
+            scale = model.color_scale()
             for record_name, pred, mask in shown:
                 outdir.write(os.path.join("heatmaps", cat.name, f"{record_name}.png"),
-                             lambda tmp, p=pred, m=mask: visualize.save_overlay(tmp, p.crop, p.anomaly_map, m, vmin=vmin, vmax=vmax))
+                             lambda tmp, p=pred, m=mask, n=record_name: visualize.draw_panel(
+                                 tmp, image=p.crop, amap=p.anomaly_map, mask=m, scale=scale, score=p.score,
+                                 image_threshold=model.threshold, name=f"{cat.name}/{n}"))
         outdir.write_json(rel, {"settings": settings, "fingerprint": fingerprint, "result": result})
         per_category[cat.name] = result
         log(f"[{i}/{len(cats)}] {cat.name}: image AUROC {fmt(result['image_auroc'])}  pixel AUROC "
@@ -195,12 +213,25 @@ def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, cate
         "categories": {n: {k: v for k, v in r.items() if k != "scores"} for n, r in per_category.items()},
     }
     outdir.write_json("results.json", report)
+    rocs = {}
+    for name, r in per_category.items():
+        labels = [row["label"] for row in r["scores"]]
+        if 0 < sum(labels) < len(labels):
+            rocs[name] = metrics.roc_curve(labels, [row["score"] for row in r["scores"]])
+    from patchcore_jax import visualize
+
+    outdir.write("summary.png", lambda tmp: visualize.summary_figure(tmp, report, rocs))
     table = io.StringIO()
     w = csv.writer(table)
-    w.writerow(["category", *METRICS, "n_train", "n_test", "n_anomalous", "bank_size"])
+    f1_columns = [f"{kind}_{q}" for kind in ("image", "pixel") for q in ("threshold_f1", "precision", "recall", "f1")]
+    w.writerow(["category", *METRICS, *f1_columns, "n_train", "n_test", "n_anomalous", "bank_size"])
     for n, r in per_category.items():
-        w.writerow([n, *(r[k] for k in METRICS), r["n_train"], r["n_test"], r["n_anomalous"], r["bank_size"]])
-    w.writerow(["mean", *(mean[k] for k in METRICS), "", "", "", ""])
+        f1 = []
+        for kind in ("image", "pixel"):
+            t = r[f"{kind}_threshold_f1"]
+            f1 += ["", "", "", ""] if t is None else [t["threshold"], t["precision"], t["recall"], t["f1"]]
+        w.writerow([n, *(r[k] for k in METRICS), *f1, r["n_train"], r["n_test"], r["n_anomalous"], r["bank_size"]])
+    w.writerow(["mean", *(mean[k] for k in METRICS), *([""] * len(f1_columns)), "", "", "", ""])
     outdir.write_text("results.csv", table.getvalue())
     return report
 

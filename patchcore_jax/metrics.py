@@ -135,3 +135,65 @@ def au_pro(masks, maps, fpr_limit: float = 0.3) -> float:
         raise ValueError(f"fpr_limit: expected a number in (0, 1], got {fpr_limit!r}")
     fpr, pro = pro_curve(masks, maps)
     return area_under_curve(fpr, pro, float(fpr_limit)) / fpr_limit
+
+
+def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    labels = _binary("labels", np.asarray(labels).ravel())
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"scores: expected {labels.size} values like labels, got {scores.size}")
+    if scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError("scores: expected a non-empty array of finite values")
+    return labels, scores
+
+
+def _descending_counts(labels: np.ndarray, scores: np.ndarray):
+    """Distinct scores descending, with the true and false positives of `score >= t` at each."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp, fp = np.cumsum(y), np.cumsum(~y)
+    last = np.append(np.nonzero(np.diff(s))[0], len(s) - 1)  # the last index of each run of ties
+    return s[last], tp[last], fp[last]
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """`(fpr, tpr)` of `score >= t` over all distinct thresholds, from (0, 0) to (1, 1); its trapezoid
+    area is `image_auroc` (ties on the diagonal). Inputs as `image_auroc`, or flattened masks and maps."""
+    labels, scores = _labels_scores(labels, scores)
+    if labels.all() or not labels.any():
+        raise ValueError("labels: expected both good (0) and anomalous (1) entries, got one class only")
+    _, tp, fp = _descending_counts(labels, scores)
+    return np.concatenate([[0.0], fp / fp[-1]]), np.concatenate([[0.0], tp / tp[-1]])
+
+
+def f1_optimal_threshold(labels, scores) -> dict:
+    """The threshold of best F1 (anomalib's "adaptive" threshold), for the rule `score > threshold`.
+
+    Every distinct score is a candidate cut (anomalous at or above it); the best F1 wins, ties to the
+    higher cut. The returned threshold lies halfway between that cut and the next lower score (or
+    just below the lowest), so `score > threshold` marks exactly the chosen set on these data.
+    Returns `{"threshold", "precision", "recall", "f1"}`.
+    """
+    labels, scores = _labels_scores(labels, scores)
+    if not labels.any():
+        raise ValueError("labels: expected at least one anomalous (1) entry to place an F1 threshold")
+    cuts, tp, fp = _descending_counts(labels, scores)
+    precision = tp / (tp + fp)
+    recall = tp / labels.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(tp > 0, 2 * precision * recall / (precision + recall), 0.0)
+    best = int(np.argmax(f1))  # cuts descend: the first maximum is the highest cut
+    below = cuts[best + 1] if best + 1 < len(cuts) else cuts[best] - max(1.0, abs(cuts[best])) * 1e-6
+    return {"threshold": float((cuts[best] + below) / 2.0), "precision": float(precision[best]),
+            "recall": float(recall[best]), "f1": float(f1[best])}
+
+
+def rates_at(labels, scores, threshold: float) -> dict:
+    """Precision, recall and F1 of `score > threshold`."""
+    labels, scores = _labels_scores(labels, scores)
+    pred = scores > threshold
+    tp, fp, fn = int((pred & labels).sum()), int((pred & ~labels).sum()), int((~pred & labels).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1}

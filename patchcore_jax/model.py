@@ -44,12 +44,22 @@ def normalise(crops: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     """One scored image: its name (file path or `images[i]`), the uint8 crop the model saw
-    `(crop, crop, 3)`, the image score (Eq. 7) and the anomaly map `(crop, crop)` float32."""
+    `(crop, crop, 3)`, the image score (Eq. 7), the anomaly map `(crop, crop)` float32, and the
+    image's original `(height, width)` (see `PatchCore.frame_map`)."""
 
     name: str
     crop: np.ndarray
     score: float
     anomaly_map: np.ndarray
+    size: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A decision threshold (scores strictly above it are anomalous) and the rule that set it."""
+
+    value: float
+    rule: str
 
 
 class PatchCore:
@@ -69,7 +79,8 @@ class PatchCore:
         """`mesh`: None (one device), a `jax.sharding.Mesh` with one axis, or "all" for a mesh over
         every device of every process; with a mesh the bank is row-sharded and extraction is
         data-parallel. `backbone_weights`: a state dict already read (a model file's own copy), used
-        instead of reading `config.weights`."""
+        instead of reading `config.weights` (a file, or a name such as "timm/wide_resnet50_2.tv_in1k"
+        or "wrn50", see `patchcore_jax.hub`)."""
         self.config = config or PatchCoreConfig()
         self.progress = progress
         if isinstance(mesh, str):
@@ -82,16 +93,23 @@ class PatchCore:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         self.weights_sha256 = None
-        source = backbone_weights if backbone_weights is not None else cfg.weights
+        source = backbone_weights
         if backbone_weights is None and cfg.weights is not None:
-            self.weights_sha256 = _sha256(cfg.weights) if os.path.isfile(cfg.weights) else None
+            from patchcore_jax import hub
+
+            source = hub.resolve(cfg.weights)  # a file path, or a named file from the Hub cache
+            self.weights_sha256 = _sha256(source) if os.path.isfile(source) else None
         self._extract = backbone.feature_extractor(cfg.backbone, weights=source, layers=cfg.layers, seed=cfg.seed,
                                                    dtype=dtype)
         self.bank: jax.Array | None = None
         self.index: neighbors.BankIndex | None = None
-        self._threshold: float | None = None
+        self.image_threshold: Threshold | None = None
+        self.pixel_threshold: Threshold | None = None
         self.num_patches_seen = 0
-        self.calibration: dict | None = None
+        # Statistics that fix the score scale: "fit" (nominal patch scores of training patches
+        # against the bank) and, after `calibrate`, "good_images" (held-out good images' scores and
+        # map values). Quantiles are keyed by str(q).
+        self.calibration: dict = {}
         apply = self._extract.apply
 
         @jax.jit
@@ -130,22 +148,34 @@ class PatchCore:
     def prepare(self, image, *, name: str = "image") -> np.ndarray:
         """One image (file path, PIL image or array `(H, W[, C])`) -> the uint8 crop `(crop, crop, 3)`
         the model sees. Every input goes through here."""
+        return self._prepare(image, name)[0]
+
+    def _prepare(self, image, name: str) -> tuple[np.ndarray, tuple[int, int]]:
         cfg = self.config
         rgb = preprocess.load_image(image, name=name)
-        return preprocess.preprocess_image(rgb, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=name)
+        crop = preprocess.preprocess_image(rgb, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=name)
+        return crop, rgb.shape[:2]
 
-    def _crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray]]:
-        """`(names, uint8 crops (b, crop, crop, 3))` with `b <= batch_size`, in input order; only one
-        batch of decoded images is held at a time."""
-        names, crops = [], []
+    def _crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray, list[tuple[int, int]]]]:
+        """`(names, uint8 crops (b, crop, crop, 3), original sizes)` with `b <= batch_size`, in input
+        order; only one batch of decoded images is held at a time."""
+        names, crops, sizes = [], [], []
         for name, item in preprocess.iter_images(images):
+            crop, size = self._prepare(item, name)
             names.append(name)
-            crops.append(self.prepare(item, name=name))
+            crops.append(crop)
+            sizes.append(size)
             if len(crops) == self.config.batch_size:
-                yield names, np.stack(crops)
-                names, crops = [], []
+                yield names, np.stack(crops), sizes
+                names, crops, sizes = [], [], []
         if crops:
-            yield names, np.stack(crops)
+            yield names, np.stack(crops), sizes
+
+    def frame_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A map `(crop, crop)` placed back into its image's original frame `size = (H, W)`: float32
+        `(H, W)`, NaN where the model did not look (outside the centre crop)."""
+        cfg = self.config
+        return preprocess.map_to_frame(anomaly_map, size, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
 
     def _bar(self, images, desc):
         total = len(images) if hasattr(images, "__len__") and not isinstance(images, (str, bytes, os.PathLike)) else None
@@ -210,7 +240,7 @@ class PatchCore:
         """Builds the memory bank from defect-free images (any input form, see the class docstring)."""
         with self._bar(images, "extracting train features") as bar:
             def crops():
-                for _, batch in self._crop_batches(images):
+                for _, batch, _ in self._crop_batches(images):
                     yield batch
                     bar.update(len(batch))
 
@@ -240,7 +270,11 @@ class PatchCore:
                 f"than num_neighbors ({needed}); fit on more images, raise coreset_fraction or lower num_neighbors"
             )
         self.set_bank(self._subsample(bank))
-        self.calibration = self._calibrate(bank)
+        self.calibration = {"fit": self._nominal_patch_scores(bank)}
+        top = self.calibration["fit"]["patch_score_quantiles"]["1.0"]
+        self.image_threshold = None
+        self.pixel_threshold = Threshold(top, f"fit: the largest nominal patch score of {self.calibration['fit']['patch_sample']} "
+                                              "sampled training patches")
         return self
 
     def _subsample(self, bank: np.ndarray) -> np.ndarray:
@@ -269,7 +303,7 @@ class PatchCore:
                                              progress=advance, chunk=max(64, num // 50))
         return bank[np.sort(np.asarray(jax.device_get(idx)))]
 
-    def _calibrate(self, bank: np.ndarray) -> dict:
+    def _nominal_patch_scores(self, bank: np.ndarray) -> dict:
         """Nominal patch scores: a seeded sample of the training patches against the bank (a coreset
         row scores 0; the others measure how far nominal patches sit from the bank)."""
         rng = np.random.default_rng(self.config.seed + 1)
@@ -310,53 +344,131 @@ class PatchCore:
         """Scores images one batch at a time and yields a `Prediction` per image, in input order."""
         if self.index is None:
             raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
-        for names, crops in self._crop_batches(images):
+        for names, crops, sizes in self._crop_batches(images):
             scores, maps = self.score_crops(crops)
             for i, name in enumerate(names):
-                yield Prediction(name, crops[i], float(scores[i]), maps[i])
+                yield Prediction(name, crops[i], float(scores[i]), maps[i], tuple(int(v) for v in sizes[i]))
 
-    def predict(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores `(N,)` (Eq. 7) and anomaly maps `(N, crop, crop)` float32, in input order."""
+    def predict(self, images, *, frame: str = "crop") -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
+        """Image scores `(N,)` (Eq. 7) and anomaly maps, in input order.
+
+        `frame="crop"`: maps `(N, crop, crop)` float32, as the model saw the images. `frame="original"`:
+        a list of `(H_i, W_i)` float32 maps at each image's own size and geometry, NaN where the model
+        did not look (outside the centre crop), so nothing near the border is cut away unseen.
+        """
+        if frame not in ("crop", "original"):
+            raise ValueError(f"frame: expected 'crop' or 'original', got {frame!r}")
         if self.index is None:
             raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
         scores, maps = [], []
         with self._bar(images, "scoring") as bar:
-            for _, crops in self._crop_batches(images):
-                s, m = self.score_crops(crops)
-                scores.append(s)
-                maps.append(m)
-                bar.update(len(s))
+            for pred in self.predict_iter(images):
+                scores.append(pred.score)
+                maps.append(pred.anomaly_map if frame == "crop" else self.frame_map(pred.anomaly_map, pred.size))
+                bar.update(1)
         if not scores:
             raise ValueError("images: expected at least one test image, got none")
-        return np.concatenate(scores), np.concatenate(maps)
+        return np.asarray(scores, np.float32), (np.stack(maps) if frame == "crop" else maps)
 
     # -- decisions ---------------------------------------------------------------------------------
     @property
     def threshold(self) -> float | None:
-        """The image-score decision threshold (None until set); scores strictly above are anomalous."""
-        return self._threshold
+        """The image-score decision threshold (None until set); scores strictly above are anomalous.
+        Setting it directly records the rule "manual"."""
+        return None if self.image_threshold is None else self.image_threshold.value
 
     @threshold.setter
     def threshold(self, value) -> None:
-        self._threshold = check_threshold(value)
+        value = check_threshold(value)
+        self.image_threshold = None if value is None else Threshold(value, "manual")
 
     def fit_threshold(self, good_scores, *, quantile: float = 1.0, margin: float = 0.0) -> float:
-        """Sets the decision threshold from scores of held-out *good* images: their `quantile`
-        (1.0 = the maximum, so every held-out good image passes), times `1 + margin`."""
+        """Sets the image threshold from scores of held-out *good* images: their `quantile` (1.0 = the
+        maximum, so every held-out good image passes), times `1 + margin`."""
         scores = np.asarray(good_scores, np.float64).ravel()
         if scores.size == 0 or not np.isfinite(scores).all():
             raise ValueError("good_scores: expected a non-empty array of finite scores")
         check_quantile(quantile)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= -1:
             raise ValueError(f"margin: expected a finite number > -1, got {margin!r}")
-        self.threshold = float(np.quantile(scores, quantile) * (1.0 + margin))
-        return self.threshold
+        value = float(np.quantile(scores, quantile) * (1.0 + margin))
+        self.image_threshold = Threshold(value, f"quantile {quantile:g} of {scores.size} held-out good image scores"
+                                         + (f", times {1 + margin:g}" if margin else ""))
+        return value
+
+    def calibrate(self, good_images, *, quantile: float = 1.0) -> dict:
+        """Held-out *good* images fix the scale: the image threshold is the `quantile` of their scores,
+        the pixel threshold the `quantile` of their map values (1.0: every good image, and every good
+        pixel, passes), and their score and map distributions are stored (`calibration["good_images"]`)."""
+        check_quantile(quantile)
+        scores, maps = self.predict(good_images)
+        self.fit_threshold(scores, quantile=quantile)
+        values = maps.ravel()
+        pixel = float(np.quantile(values, quantile))
+        self.pixel_threshold = Threshold(pixel, f"quantile {quantile:g} of the map values of {len(scores)} held-out good images")
+        qs = (0.0,) + CALIBRATION_QUANTILES
+        self.calibration["good_images"] = {
+            "count": int(len(scores)),
+            "image_score_quantiles": {str(q): float(np.quantile(scores, q)) for q in qs},
+            "map_quantiles": {str(q): float(np.quantile(values, q)) for q in qs},
+        }
+        return {"image_threshold": self.threshold, "pixel_threshold": pixel, "images": int(len(scores))}
+
+    def calibrate_f1(self, images, labels, masks=None, *, mask_rule: str = "published") -> dict:
+        """A labelled validation set sets the F1-optimal thresholds (anomalib's "adaptive" ones): the
+        image threshold from `labels` `(N,)` (1 = anomalous), and, when `masks` are given (one `(H, W)`
+        mask per image at its original size, uint8 0..255 or bool), the pixel threshold over all
+        pixels of the crops. Returns precision, recall and F1 at each."""
+        from patchcore_jax import metrics
+
+        cfg = self.config
+        labels = np.asarray(labels).ravel()
+        scores, maps = self.predict(images)
+        if len(labels) != len(scores):
+            raise ValueError(f"labels: expected one label per image ({len(scores)}), got {len(labels)}")
+        report = {"images": int(len(scores))}
+        image = metrics.f1_optimal_threshold(labels, scores)
+        self.image_threshold = Threshold(image["threshold"], f"F1-optimal on a validation set of {len(scores)} images "
+                                                              f"(F1 {image['f1']:.3f})")
+        report["image"] = image
+        if masks is not None:
+            if len(masks) != len(scores):
+                raise ValueError(f"masks: expected one mask per image ({len(scores)}), got {len(masks)}")
+            crops = np.stack([preprocess.preprocess_mask(m, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
+                                                         rule=mask_rule, name=f"masks[{i}]") for i, m in enumerate(masks)])
+            pixel = metrics.f1_optimal_threshold(crops, maps)
+            self.pixel_threshold = Threshold(pixel["threshold"], f"F1-optimal over the pixels of a validation set of "
+                                                                  f"{len(scores)} images (F1 {pixel['f1']:.3f})")
+            report["pixel"] = pixel
+        return report
 
     def classify(self, scores) -> np.ndarray:
-        """Boolean labels (True = anomalous): score strictly above the threshold."""
+        """Boolean labels (True = anomalous): score strictly above the image threshold."""
         if self.threshold is None:
-            raise ValueError("threshold: not set; call fit_threshold(scores of held-out good images) first")
+            raise ValueError("threshold: not set; call calibrate(held-out good images) or fit_threshold(scores) first")
         return np.asarray(scores) > self.threshold
+
+    def color_scale(self) -> tuple[float, float, float]:
+        """`(low, pixel threshold, high)` of the heatmap colours, fixed by the model: `low` is the median
+        nominal patch score recorded at fit, the pixel threshold sits in the middle of the scale, and
+        `high = 2 * threshold - low`. The same model gives the same colours in every run."""
+        if self.pixel_threshold is None or "fit" not in self.calibration:
+            raise ValueError("model: not fitted; no colour scale yet")
+        low = self.calibration["fit"]["patch_score_quantiles"]["0.5"]
+        mid = max(self.pixel_threshold.value, low + 1e-6)
+        return low, mid, 2.0 * mid - low
+
+    def normalized_scores(self, scores) -> np.ndarray | None:
+        """Image scores mapped so that the median held-out good score is 0, the image threshold 0.5,
+        and `threshold + (threshold - median)` 1, clipped to [0, 1]; None without a threshold. Without
+        held-out good images, the median is taken as 0 (a plain `0.5 * score / threshold`)."""
+        if self.image_threshold is None:
+            return None
+        good = self.calibration.get("good_images")
+        low = good["image_score_quantiles"]["0.5"] if good else 0.0
+        t = self.image_threshold.value
+        span = t - low if t > low else max(abs(t), 1e-12)
+        return np.clip(0.5 + 0.5 * (np.asarray(scores, np.float64) - t) / span, 0.0, 1.0)
 
     # -- model files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

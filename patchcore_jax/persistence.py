@@ -3,8 +3,9 @@
 Layout of a model folder (format 2):
   manifest.json         the seal: the format, its version, every other file with its size and sha256,
                         and the sha256 of its own content; written canonically, so any changed byte shows
-  config.json           the settings (every `PatchCoreConfig` field), threshold, calibration, bank
-                        shape, and where the backbone weights came from (path and sha256 at fit)
+  config.json           the settings (every `PatchCoreConfig` field), the image and pixel thresholds
+                        with the rules that set them, the calibration statistics, the bank's shape,
+                        and where the backbone weights came from (path and sha256 at fit)
   bank.safetensors      "bank": `(M, target_dim)` float32, the coreset memory bank
   backbone.safetensors  the backbone's weights as used at fit (torchvision names and layouts), so the
                         folder alone predicts the same scores on another machine
@@ -180,15 +181,20 @@ def _parse_config(raw: bytes, where: str) -> dict:
     from patchcore_jax.config import PatchCoreConfig
 
     meta = _strict_json(raw, where)
-    keys = {"config", "threshold", "num_patches_seen", "bank_shape", "calibration", "weights", "library_version"}
+    keys = {"config", "thresholds", "num_patches_seen", "bank_shape", "calibration", "weights", "library_version"}
     _expect(isinstance(meta, dict) and set(meta) == keys, where,
             f"expected exactly the fields {sorted(keys)}, got {sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")
     try:
         meta["config"] = PatchCoreConfig.from_dict(meta["config"], strict=True)
     except (TypeError, ValueError) as err:
         raise ModelFileError(f"{where}: {err}") from None
-    _expect(meta["threshold"] is None or _is_number(meta["threshold"]), where,
-            f"threshold: expected a finite number or null, got {meta['threshold']!r}")
+    thresholds = meta["thresholds"]
+    _expect(isinstance(thresholds, dict) and set(thresholds) == {"image", "pixel"}, where,
+            f"thresholds: expected {{'image': ..., 'pixel': ...}}, got {thresholds!r}")
+    for kind, t in thresholds.items():
+        _expect(t is None or (isinstance(t, dict) and set(t) == {"value", "rule"} and _is_number(t["value"])
+                              and isinstance(t["rule"], str)), where,
+                f"thresholds.{kind}: expected null or {{'value': a finite number, 'rule': a string}}, got {t!r}")
     _expect(_is_int(meta["num_patches_seen"]) and meta["num_patches_seen"] >= 0, where,
             f"num_patches_seen: expected an integer >= 0, got {meta['num_patches_seen']!r}")
     shape = meta["bank_shape"]
@@ -204,18 +210,29 @@ def _parse_config(raw: bytes, where: str) -> dict:
     return meta
 
 
+def _quantiles(q, keys, where: str, what: str) -> None:
+    _expect(isinstance(q, dict) and set(q) == keys and all(_is_number(v) for v in q.values()), where,
+            f"{what}: expected finite numbers for the quantiles {sorted(keys)}")
+
+
 def _check_calibration(cal, where: str) -> None:
     from patchcore_jax.model import CALIBRATION_QUANTILES
 
-    if cal is None:
-        return
     quantiles = {str(q) for q in CALIBRATION_QUANTILES}
-    _expect(isinstance(cal, dict) and set(cal) == {"patch_score_quantiles", "patch_sample"}, where,
-            f"calibration: unexpected fields {sorted(cal) if isinstance(cal, dict) else cal!r}")
-    q = cal["patch_score_quantiles"]
-    _expect(isinstance(q, dict) and set(q) == quantiles and all(_is_number(v) and v >= 0 for v in q.values()), where,
-            f"calibration.patch_score_quantiles: expected non-negative numbers for {sorted(quantiles)}")
-    _expect(_is_int(cal["patch_sample"]) and cal["patch_sample"] >= 1, where, "calibration.patch_sample: expected an integer >= 1")
+    _expect(isinstance(cal, dict) and "fit" in cal and set(cal) <= {"fit", "good_images"}, where,
+            f"calibration: expected 'fit' (and 'good_images'), got {sorted(cal) if isinstance(cal, dict) else cal!r}")
+    fit = cal["fit"]
+    _expect(isinstance(fit, dict) and set(fit) == {"patch_score_quantiles", "patch_sample"}, where,
+            "calibration.fit: expected 'patch_score_quantiles' and 'patch_sample'")
+    _quantiles(fit["patch_score_quantiles"], quantiles, where, "calibration.fit.patch_score_quantiles")
+    _expect(_is_int(fit["patch_sample"]) and fit["patch_sample"] >= 1, where, "calibration.fit.patch_sample: expected an integer >= 1")
+    good = cal.get("good_images")
+    if good is not None:
+        _expect(isinstance(good, dict) and set(good) == {"count", "image_score_quantiles", "map_quantiles"}, where,
+                "calibration.good_images: expected 'count', 'image_score_quantiles' and 'map_quantiles'")
+        _expect(_is_int(good["count"]) and good["count"] >= 1, where, "calibration.good_images.count: expected an integer >= 1")
+        for key in ("image_score_quantiles", "map_quantiles"):
+            _quantiles(good[key], quantiles | {"0.0"}, where, f"calibration.good_images.{key}")
 
 
 def _parse_tensors(raw: bytes, where: str) -> dict[str, np.ndarray]:
@@ -260,7 +277,7 @@ def read_model_files(path) -> dict:
 
 def load_model(path, *, progress: bool = True, mesh=None):
     """Reads, verifies and builds the model of a folder written by `save_model`."""
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax.model import PatchCore, Threshold
 
     files = read_model_files(path)
     meta = files["meta"]
@@ -270,7 +287,8 @@ def load_model(path, *, progress: bool = True, mesh=None):
     except ValueError as err:
         raise ModelFileError(f"{where}: {err}") from None
     model.set_bank(files.pop("bank"))
-    model.threshold = meta["threshold"]
+    for kind, t in meta["thresholds"].items():
+        setattr(model, f"{kind}_threshold", None if t is None else Threshold(float(t["value"]), t["rule"]))
     model.num_patches_seen = meta["num_patches_seen"]
     model.calibration = meta["calibration"]
     model.weights_sha256 = meta["weights"]["sha256"]
@@ -438,7 +456,8 @@ def _model_files(model) -> dict[str, bytes]:
 
     config = {
         "config": model.config.to_dict(),
-        "threshold": model.threshold,
+        "thresholds": {kind: None if t is None else {"value": t.value, "rule": t.rule}
+                       for kind, t in (("image", model.image_threshold), ("pixel", model.pixel_threshold))},
         "num_patches_seen": int(model.num_patches_seen),
         "bank_shape": [int(s) for s in model.bank.shape],
         "calibration": model.calibration,

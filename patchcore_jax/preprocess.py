@@ -181,3 +181,27 @@ def load_image(item, *, name: str = "image", max_pixels: int | None = MAX_PIXELS
     if max_pixels is not None and x.ndim >= 2 and x.shape[0] * x.shape[1] > max_pixels:
         raise ValueError(f"{name}: {x.shape[1]}x{x.shape[0]} pixels is more than the limit of {max_pixels}")
     return array_to_rgb8(x, name=name)
+
+
+def map_to_frame(amap, size: tuple[int, int], *, resize: int, crop: int, geometry: str = "center_crop") -> np.ndarray:
+    """The inverse of the geometry for a map: `(crop, crop)` -> `(H, W)` float32 at the original
+    image's size, NaN outside the crop window (where the model did not look).
+
+    Each original pixel centre is carried to crop coordinates (`(i + 0.5) * scale - 0.5`, as the
+    bilinear resize maps centres) and the map is sampled there bilinearly.
+    """
+    import scipy.ndimage
+
+    amap = np.asarray(amap, np.float32)
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size: expected a positive (H, W), got {size!r}")
+    (rh, rw), (top, left) = _geometry(h, w, resize=resize, crop=crop, geometry=geometry)
+    ys = (np.arange(h) + 0.5) * (rh / h) - 0.5 - top
+    xs = (np.arange(w) + 0.5) * (rw / w) - 0.5 - left
+    inside_y = (ys >= -0.5) & (ys <= crop - 0.5)
+    inside_x = (xs >= -0.5) & (xs <= crop - 0.5)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    out = scipy.ndimage.map_coordinates(amap, [yy, xx], order=1, mode="nearest").astype(np.float32)
+    out[~(inside_y[:, None] & inside_x[None, :])] = np.nan
+    return out

@@ -23,6 +23,7 @@ def test_demo_writes_results_and_heatmaps(tmp_path):
     r = run("demo", "--out", str(out), "--train", "6", "--test-good", "3", "--test-defect", "4", *SMALL)
     assert r.returncode == 0, r.stderr
     assert "RANDOMLY initialised" in r.stdout
+    assert "thresholds from 1 held-out good image:" in r.stdout  # a fifth of the training images
     for name in ("image AUROC", "pixel AUROC", "AU-PRO", "JAX vs float64 NumPy reference"):
         assert name in r.stdout
     results = json.loads((out / "results.json").read_text())
@@ -32,7 +33,7 @@ def test_demo_writes_results_and_heatmaps(tmp_path):
     assert results["pretrained_backbone"] is False
     pngs = os.listdir(out / "heatmaps")
     assert pngs and all(p.endswith(".png") for p in pngs)
-    assert Image.open(out / "heatmaps" / pngs[0]).size == (64 * 3 + 8, 64)
+    assert Image.open(out / "heatmaps" / pngs[0]).size[0] > 3 * 64  # image | overlay | ground truth, colour bar
 
 
 def _write_pngs(folder, images):

@@ -138,13 +138,21 @@ def test_truncated_missing_and_extra_files_are_named(saved, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("threshold", "abc", "threshold"), ("threshold", [1.0], "threshold"), ("num_patches_seen", -1, "num_patches_seen"),
+    ("thresholds.image", {"value": "abc", "rule": "manual"}, "thresholds.image"),
+    ("thresholds.image", [1.0], "thresholds.image"), ("thresholds.pixel", {"value": 1.0}, "thresholds.pixel"),
+    ("thresholds", None, "thresholds"), ("num_patches_seen", -1, "num_patches_seen"),
     ("bank_shape", [1, 2, 3], "bank_shape"), ("weights", None, "weights"), ("extra", 1, "fields"),
+    ("calibration.fit.patch_sample", 0, "patch_sample"), ("calibration.fit.patch_score_quantiles", {}, "quantiles"),
+    ("calibration.good_images", {"count": 1}, "good_images"),
 ])
 def test_fields_are_type_checked_even_under_a_valid_seal(saved, tmp_path, field, value, match):
     path = _copy(saved, tmp_path)
     meta = json.loads((path / "config.json").read_text())
-    meta[field] = value
+    *parents, leaf = field.split(".")
+    node = meta
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
     (path / "config.json").write_text(json.dumps(meta))
     _reseal(path)
     with pytest.raises(ModelFileError, match=rf"config\.json: .*{match}"):
@@ -165,7 +173,8 @@ def test_config_fields_are_type_checked(saved, tmp_path, field, value):
 
 def test_nan_threshold_and_other_versions(saved, tmp_path):
     path = _copy(saved, tmp_path)
-    text = (path / "config.json").read_text().replace('"threshold": 1.5', '"threshold": NaN')
+    text = (path / "config.json").read_text().replace('"value": 1.5', '"value": NaN')
+    assert "NaN" in text
     (path / "config.json").write_text(text)
     _reseal(path)
     with pytest.raises(ModelFileError, match=r"config\.json: not valid JSON \(NaN is not allowed\)"):

@@ -2,7 +2,7 @@
 
 Each reader turns a folder into categories of `Sample`s; `FolderSplit` loads them at the published
 geometry; `patchcore_jax.data.tfds_builders` writes the same arrays to TFDS array_record files. Both
-give records `{image (S, S, 3) uint8, mask (S, S) uint8 0..255, label, kind, name}` with `S = resize`,
+give records `{image (S, S, 3) uint8, mask (S, S) uint8 0..255, has_mask, label, kind, name}` with `S = resize`,
 made by the one reader (`data.images`) and the one preprocessing (`patchcore_jax.preprocess`): the
 shorter side resized to `resize` (PIL bilinear, as torchvision's Resize on PIL images), then a centred
 `S x S` crop (or, for squashed categories, the whole frame resized to `S x S`). The model's own
@@ -60,6 +60,7 @@ class Category:
     train: tuple[Sample, ...]
     test: tuple[Sample, ...]
     squash: bool = False  # resize to a square ignoring the aspect (mSTC) instead of shorter side + crop
+    has_masks: bool = True  # False: labels only (an MVTec-style tree without ground_truth/)
 
 
 def _images_in(folder: str) -> list[str]:
@@ -94,20 +95,46 @@ def mvtec(root: str, categories=None) -> list[Category]:
         test_root = os.path.join(base, "test")
         if not os.path.isdir(test_root):
             raise ValueError(f"{test_root}: missing folder")
-        test = []
-        for defect in _folders_in(test_root):
-            for p in _images_in(os.path.join(test_root, defect)):
-                if defect == "good":
-                    test.append(Sample(p, 0, "good", f"test/good/{_stem(p)}"))
-                    continue
-                mask = os.path.join(base, "ground_truth", defect, f"{_stem(p)}_mask.png")
-                if not os.path.isfile(mask):
-                    raise ValueError(f"{p}: test image without its mask (expected {mask})")
-                test.append(Sample(p, 1, defect, f"test/{defect}/{_stem(p)}", mask))
-        if not test:
-            raise ValueError(f"{test_root}: no test images")
-        out.append(Category(cat, tuple(train), tuple(test)))
+        test = labelled_samples(test_root, os.path.join(base, "ground_truth"), prefix="test")
+        out.append(Category(cat, tuple(train), tuple(test), has_masks=os.path.isdir(os.path.join(base, "ground_truth"))))
     return out
+
+
+def labelled_samples(folder: str, ground_truth: str, *, prefix: str) -> list[Sample]:
+    """MVTec's test layout: `folder/good/*` nominal, `folder/<kind>/*` defective, with masks
+    `ground_truth/<kind>/<name>_mask.png` for every defect when `ground_truth` exists (labels only
+    when it does not)."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"{display(folder)}: missing folder")
+    with_masks = os.path.isdir(ground_truth)
+    samples = []
+    for kind in _folders_in(folder):
+        if os.path.realpath(os.path.join(folder, kind)) == os.path.realpath(ground_truth):
+            continue
+        for p in _images_in(os.path.join(folder, kind)):
+            name = f"{prefix}/{kind}/{_stem(p)}"
+            if kind == "good":
+                samples.append(Sample(p, 0, "good", name))
+                continue
+            mask = None
+            if with_masks:
+                mask = os.path.join(ground_truth, kind, f"{_stem(p)}_mask.png")
+                if not os.path.isfile(mask):
+                    raise ValueError(f"{display(p)}: test image without its mask (expected {display(mask)}; "
+                                     f"{display(ground_truth)} exists, so every defect needs one)")
+            samples.append(Sample(p, 1, kind, name, mask))
+    if not samples:
+        raise ValueError(f"{display(folder)}: no test images")
+    return samples
+
+
+def labelled_folder(folder: str) -> tuple[list[str], np.ndarray, list[str | None] | None]:
+    """A user's labelled validation folder (MVTec's test layout, masks in `folder/ground_truth` when
+    present): `(image paths, labels (N,), mask paths or None per image, or None without masks)`."""
+    samples = labelled_samples(folder, os.path.join(folder, "ground_truth"), prefix=os.path.basename(folder))
+    has_masks = os.path.isdir(os.path.join(folder, "ground_truth"))
+    return ([s.image for s in samples], np.array([s.label for s in samples]),
+            [s.mask for s in samples] if has_masks else None)
 
 
 def mtd(root: str, *, seed: int = 0, holdout: float = 0.2) -> list[Category]:
@@ -200,7 +227,7 @@ def load_sample(sample: Sample, *, size: int, squash: bool = False) -> dict:
     raw = read_image(sample.image)
     image = preprocess.preprocess_image(raw, resize=size, crop=size, geometry=geometry, name=display(sample.image))
     if sample.mask is None:
-        mask = np.zeros((size, size), np.uint8)
+        mask = np.zeros((size, size), np.uint8)  # a good image, or a defect of a category without masks
     else:
         if sample.mask.endswith(".npy"):
             stack = _load_npy(sample.mask)
@@ -214,7 +241,8 @@ def load_sample(sample: Sample, *, size: int, squash: bool = False) -> dict:
             raise ValueError(f"{display(sample.mask)}: mask is {m.shape[1]}x{m.shape[0]} but its image "
                              f"{display(sample.image)} is {raw.shape[1]}x{raw.shape[0]}")
         mask = preprocess.resize_mask(m, resize=size, crop=size, geometry=geometry, name=display(sample.mask))
-    return {"image": image, "mask": mask, "label": sample.label, "kind": sample.kind, "name": sample.name}
+    return {"image": image, "mask": mask, "has_mask": sample.label == 0 or sample.mask is not None,
+            "label": sample.label, "kind": sample.kind, "name": sample.name}
 
 
 class FolderSplit:

@@ -27,6 +27,7 @@ def _features():
     return tfds.features.FeaturesDict({
         "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding=zlib),
         "mask": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib),
+        "has_mask": np.bool_,
         "label": np.int64,
         "index": np.int64,
         "kind": tfds.features.Text(),
@@ -42,8 +43,9 @@ class CategoryConfig(tfds.core.BuilderConfig):
 class _PaperDataset(tfds.core.GeneratorBasedBuilder):
     """Shared body: one category per config, `train` and `test` splits from the manual folder."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.1.0": "Masks stored as uint8 0..255 (not yet binarised); hidden files skipped."}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {"1.1.0": "Masks stored as uint8 0..255 (not yet binarised); hidden files skipped.",
+                     "1.2.0": "has_mask: False for a defect of a category without ground-truth masks."}
     DATASET = ""
 
     def _info(self):
