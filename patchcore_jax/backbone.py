@@ -283,7 +283,7 @@ def build(arch: str, layers: Sequence[str], *, seed: int = 0, precision=None,
 def feature_extractor(
     arch: str = "wide_resnet50_2",
     *,
-    weights: "str | Mapping[str, np.ndarray] | None" = None,
+    weights: "str | Mapping[str, object] | None" = None,
     layers: Sequence[str] | None = None,
     seed: int = 0,
     precision: str | None = "highest",

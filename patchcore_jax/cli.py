@@ -26,7 +26,7 @@ OPTION_OF = {
     "backbone": "--backbone", "weights": "--weights", "resize": "--resize", "crop": "--crop",
     "coreset_fraction": "--coreset", "num_neighbors": "--neighbors", "seed": "--seed", "batch_size": "--batch-size",
     "projection_dim": "--projection-dim", "coreset_dtype": "--coreset-dtype", "geometry": "--geometry",
-    "layers": "--layers",
+    "layers": "--layers", "target_dim": "--target-dim", "pretrain_dim": "--pretrain-dim",
 }
 
 
@@ -49,42 +49,69 @@ def _version() -> str:
 
 
 # -- shared argument handling ---------------------------------------------------------------------------
-def _config_from_args(args, **overrides):
+def _weights_spec(weights: str) -> str:
+    """Checks a --weights value now (a file, or a name fetched or found in the Hub cache)."""
+    from patchcore_jax import hub
+
+    if hub.repo_of(weights) is not None:
+        try:
+            hub.resolve(weights)  # fetched (or found in the cache) now, before any work
+        except ValueError as err:
+            raise UsageError(f"--weights {err}") from None
+        return weights
+    if not os.path.isfile(weights):
+        raise UsageError(f"--weights {weights}: no such file (nor a known name: an alias such as "
+                         f"{', '.join(sorted(hub.ALIASES)[:4])}, ... or a Hub repository org/name)")
+    if not weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        raise UsageError(f"--weights {weights}: expected a .safetensors or .pth state dict")
+    return os.path.abspath(weights)
+
+
+def _configs_from_args(args, **overrides) -> list:
+    """One PatchCoreConfig per --backbone (an ensemble when repeated), with one --weights per backbone."""
     from patchcore_jax.config import PatchCoreConfig
 
-    fields = {name: getattr(args, name) for name in OPTION_OF if getattr(args, name, None) is not None}
-    if fields.get("weights"):
-        from patchcore_jax import hub
+    backbones = getattr(args, "backbone", None) or [None]
+    weights = getattr(args, "weights", None) or [None] * len(backbones)
+    if len(weights) != len(backbones):
+        raise UsageError(f"--weights: give one per --backbone ({len(backbones)} backbones, {len(weights)} --weights)")
+    if len(backbones) > 1 and getattr(args, "layers", None):
+        raise UsageError("--layers: applies to a single --backbone; ensemble members use each backbone's natural taps")
+    shared = {name: getattr(args, name) for name in OPTION_OF
+              if name not in ("backbone", "weights") and getattr(args, name, None) is not None}
+    shared.update(overrides)
+    configs = []
+    for backbone, weight in zip(backbones, weights):
+        fields = dict(shared)
+        if backbone is not None:
+            fields["backbone"] = backbone
+        if weight is not None:
+            fields["weights"] = _weights_spec(weight)
+        try:
+            configs.append(PatchCoreConfig(**fields))
+        except ValueError as err:
+            field, _, rest = str(err).partition(": ")
+            if field in OPTION_OF:
+                raise UsageError(f"{OPTION_OF[field]}: {rest}") from None
+            raise UsageError(str(err)) from None
+    return configs
 
-        weights = fields["weights"]
-        if hub.repo_of(weights) is not None:
-            try:
-                hub.resolve(weights)  # fetched (or found in the cache) now, before any work
-            except ValueError as err:
-                raise UsageError(f"--weights {err}") from None
-        else:
-            if not os.path.isfile(weights):
-                raise UsageError(f"--weights {weights}: no such file (nor a known name: an alias such as "
-                                 f"{', '.join(sorted(hub.ALIASES)[:4])}, ... or a Hub repository org/name)")
-            if not weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
-                raise UsageError(f"--weights {weights}: expected a .safetensors or .pth state dict")
-            fields["weights"] = os.path.abspath(weights)
-    fields.update(overrides)
-    try:
-        return PatchCoreConfig(**fields)
-    except ValueError as err:
-        field, _, rest = str(err).partition(": ")
-        if field in OPTION_OF:
-            raise UsageError(f"{OPTION_OF[field]}: {rest}") from None
-        raise UsageError(str(err)) from None
+
+def _config_from_args(args, **overrides):
+    configs = _configs_from_args(args, **overrides)
+    if len(configs) > 1:
+        raise UsageError(f"--backbone: patchcore-jax {args.command} takes one backbone, got {len(configs)}")
+    return configs[0]
 
 
 def _add_model_options(p, *, coreset_default=None):
-    p.add_argument("--weights", help="torchvision/timm state dict (.safetensors, or .pth with torch installed), or a "
-                                      "name fetched once through the Hugging Face cache: timm/wide_resnet50_2.tv_in1k, "
-                                      "or an alias (wrn50, wrn101, r18, r50, rx101, dn201, ...)")
-    p.add_argument("--backbone", help="torchvision name: resnet18/34/50/101, wide_resnet50_2/101_2, "
-                                      "resnext50_32x4d, resnext101_32x8d, densenet121/169/201 (default wide_resnet50_2)")
+    p.add_argument("--weights", action="append",
+                   help="torchvision/timm state dict (.safetensors, or .pth with torch installed), or a name fetched "
+                        "once through the Hugging Face cache: timm/wide_resnet50_2.tv_in1k, or an alias (wrn50, wrn101, "
+                        "r18, r50, rx101, dn201, ...); one per --backbone")
+    p.add_argument("--backbone", action="append",
+                   help="torchvision name: resnet18/34/50/101, wide_resnet50_2/101_2, resnext50_32x4d, resnext101_32x8d, "
+                        "densenet121/169/201 (default wide_resnet50_2); repeat it for an ensemble")
     p.add_argument("--layers", nargs="+", help="feature taps, finest first (default layer2 layer3; DenseNet: "
                                                 "denseblock2 denseblock3)")
     p.add_argument("--coreset", dest="coreset_fraction", type=float, default=coreset_default,
@@ -95,6 +122,9 @@ def _add_model_options(p, *, coreset_default=None):
                    help="center_crop (default: resize the shorter side, crop the centre) or squash (resize the "
                         "whole image to crop x crop)")
     p.add_argument("--neighbors", dest="num_neighbors", type=int, help="b of Eq. 7 (default 9; 1 = plain maximum)")
+    p.add_argument("--target-dim", type=int, help="patch feature width after aggregation (default 1024; the published "
+                                                   "ensembles use 384)")
+    p.add_argument("--pretrain-dim", type=int, help="per-layer width before the final pooling (default 1024)")
     p.add_argument("--projection-dim", type=int, help="coreset projection width (default 128; 0 = none)")
     p.add_argument("--coreset-dtype", choices=("float32", "bfloat16"), help="storage of the projected bank")
     p.add_argument("--batch-size", type=int, help="images per compiled step (default 8)")
@@ -102,10 +132,14 @@ def _add_model_options(p, *, coreset_default=None):
 
 
 def _new_model(cfg, *, quiet: bool):
+    """A PatchCore for one config, an ensemble for several."""
+    from patchcore_jax.ensemble import PatchCoreEnsemble
     from patchcore_jax.model import PatchCore
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
+        if isinstance(cfg, list):
+            return PatchCore(cfg[0], progress=not quiet) if len(cfg) == 1 else PatchCoreEnsemble(cfg, progress=not quiet)
         return PatchCore(cfg, progress=not quiet)
 
 
@@ -216,7 +250,8 @@ def cmd_fit(args) -> int:
     from patchcore_jax.data.images import check_image, read_mask
     from patchcore_jax.model import check_quantile
 
-    cfg = _config_from_args(args)
+    cfgs = _configs_from_args(args)
+    cfg = cfgs[0]  # the geometry all members share
     try:
         check_quantile(args.quantile)
     except ValueError:
@@ -226,9 +261,9 @@ def cmd_fit(args) -> int:
     paths = _list_checked(args.train, cfg, what="training images", exclude=[out_abs])
     held = _list_checked(args.threshold_from, cfg, what="held-out images", exclude=[out_abs]) if args.threshold_from else []
     validation = _validation_set(args.validation, cfg, exclude=[out_abs]) if args.validation else None
-    model = _new_model(cfg, quiet=args.quiet)
+    model = _new_model(cfgs, quiet=args.quiet)
     _check_bank_size(model, len(paths))
-    if cfg.weights is None:
+    if any(c.weights is None for c in cfgs):
         _say(RANDOM_BACKBONE_NOTE, sys.stderr)
     model.fit(paths)
     if held:
@@ -246,16 +281,16 @@ def cmd_fit(args) -> int:
                 _say(f"{kind} threshold {r['threshold']:.6g}, F1-optimal on {len(paths_v)} validation images: "
                      f"precision {r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f}")
     model.save(args.out)
-    _say(f"fitted on {len(paths)} images: {model.num_patches_seen} patches -> bank {model.bank.shape[0]} x "
-         f"{model.bank.shape[1]}; saved {args.out}")
+    _say(f"fitted on {len(paths)} images: {model.describe()}; saved {args.out}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from patchcore_jax import visualize
     from patchcore_jax.data.images import display, read_image
-    from patchcore_jax.model import PatchCore, Threshold, check_threshold
+    from patchcore_jax.model import Threshold, check_threshold
     from patchcore_jax.outputs import OutputDir
+    from patchcore_jax.persistence import load
 
     given = {}
     for option, value in (("--threshold", args.threshold), ("--pixel-threshold", args.pixel_threshold)):
@@ -266,13 +301,13 @@ def cmd_predict(args) -> int:
     out_abs = OutputDir.check(args.out, "predict")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        model = PatchCore.load(args.model, progress=not args.quiet)
+        model = load(args.model, progress=not args.quiet)
     paths = _list_checked(args.images, model.config, what="images", exclude=[out_abs])
     if given["--threshold"] is not None:
         model.threshold = given["--threshold"]
     if given["--pixel-threshold"] is not None:
         model.pixel_threshold = Threshold(given["--pixel-threshold"], "manual")
-    if model.config.weights is None:
+    if any(c.weights is None for c in getattr(model, "configs", [model.config])):
         _say("NOTE: this model was fitted with a randomly initialised backbone (no --weights); its scores are weak.",
              sys.stderr)
     out = OutputDir.claim(out_abs, "predict")
@@ -323,13 +358,14 @@ def cmd_evaluate(args) -> int:
 
     if args.heatmaps < 0:
         raise UsageError(f"--heatmaps {args.heatmaps}: expected an integer >= 0")
-    cfg = evaluate.protocol_config(args.dataset, _config_from_args(args), crop_given=args.crop is not None)
+    cfgs = [evaluate.protocol_config(args.dataset, c, crop_given=args.crop is not None) for c in _configs_from_args(args)]
+    cfg = cfgs if len(cfgs) > 1 else cfgs[0]
     if args.source == "tfds":
         import tensorflow_datasets as tfds
 
         if args.quiet:
             tfds.disable_progress_bar()
-    if cfg.weights is None:
+    if any(c.weights is None for c in cfgs):
         _say(RANDOM_BACKBONE_NOTE)
     report = evaluate.evaluate(args.dataset, args.root, cfg, out=args.out, categories=args.categories,
                                source=args.source, tfds_dir=args.tfds_dir, heatmaps=args.heatmaps,

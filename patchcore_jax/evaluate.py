@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from patchcore_jax import metrics, preprocess
+from patchcore_jax import metrics, preprocess, visualize
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.data import datasets
 from patchcore_jax.data.images import display
@@ -62,9 +62,35 @@ def _metric(fn, *args):
         return None
 
 
+def _score_set(model, images, meta: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and maps of a whole test set. One model: its predictions. An ensemble: each member's raw
+    scores and maps, combined over the set as the published evaluation does (`combine_over_set`).
+    Each record in `meta` (filled as `images` is consumed) gets its `prediction`."""
+    from patchcore_jax.detector import Prediction
+    from patchcore_jax.ensemble import combine_over_set
+
+    if not hasattr(model, "members"):
+        preds = list(model.predict_iter(images))
+    else:
+        crops, sizes, parts = [], [], [[] for _ in model.members]
+        for _, batch, batch_sizes in model._crop_batches(images):
+            for j, (s, m) in enumerate(model.member_scores(batch)):
+                parts[j].append((s, m))
+            crops += list(batch)
+            sizes += batch_sizes
+        scores, maps = combine_over_set([np.concatenate([s for s, _ in p]) for p in parts],
+                                        [np.concatenate([m for _, m in p]) for p in parts])
+        preds = [Prediction(r["name"], c, float(s), m.astype(np.float32), tuple(z))
+                 for r, c, s, m, z in zip(meta, crops, scores, maps, sizes)]
+    for rec, pred in zip(meta, preds):
+        rec["prediction"] = pred
+    return np.asarray([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
+
+
 def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: int = 0) -> tuple[dict, list]:
     """Fits `model` on `splits["train"]` and scores `splits["test"]` (records as `datasets.load_sample`
-    gives them). Returns the result and up to `heatmaps` `(record name, Prediction, mask)` to draw."""
+    gives them). Returns the result and up to `heatmaps` `(record name, Prediction, mask)` to draw.
+    `model` is a `PatchCore` or a `PatchCoreEnsemble` (combined over the test set, see `_score_set`)."""
     cfg = model.config
     start = time.perf_counter()
     train = splits["train"]
@@ -78,15 +104,9 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
             meta.append(rec)
             yield rec["image"]
 
-    scores, maps, masks = [], [], []
-    for pred in model.predict_iter(images()):
-        rec = meta[len(scores)]
-        scores.append(pred.score)
-        maps.append(pred.anomaly_map)
-        masks.append(preprocess.preprocess_mask(rec["mask"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
-                                                rule=mask_rule, name=rec["name"]))
-        rec["prediction"] = pred
-    scores, maps, masks = np.asarray(scores), np.stack(maps), np.stack(masks)
+    scores, maps = _score_set(model, images(), meta)
+    masks = np.stack([preprocess.preprocess_mask(r["mask"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
+                                                 rule=mask_rule, name=r["name"]) for r in meta])
     labels = np.array([int(r["label"]) for r in meta])
     has_masks = all(bool(r.get("has_mask", True)) for r in meta)
     image_f1 = _metric(metrics.f1_optimal_threshold, labels, scores) if labels.any() else None
@@ -101,12 +121,12 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
         "n_train": len(train),
         "n_test": len(test),
         "n_anomalous": int(labels.sum()),
-        "bank_size": int(model.bank.shape[0]),
+        "bank_size": int(sum(m.bank.shape[0] for m in getattr(model, "members", [model]))),
         "seconds": round(time.perf_counter() - start, 1),
         "scores": [{"name": r["name"], "kind": r["kind"], "label": int(r["label"]), "score": float(s)}
                    for r, s in zip(meta, scores)],
     }
-    from patchcore_jax.model import Threshold
+    from patchcore_jax.detector import Threshold
 
     if image_f1 is not None:
         model.image_threshold = Threshold(image_f1["threshold"], "F1-optimal on the evaluated test set")
@@ -133,15 +153,21 @@ def _read_previous(path: str) -> dict | None:
         raise ValueError(f"{display(path)}: corrupt category result ({err}); delete it to recompute the category") from None
 
 
-def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, categories=None, source: str = "folder",
+def evaluate(dataset: str, root: str, config, *, out: str, categories=None, source: str = "folder",
              tfds_dir: str | None = None, heatmaps: int = 4, mask_rule: str = "published", progress: bool = True,
              log: Callable[[str], None] = lambda message: None) -> dict:
     """Runs the protocol and writes `out/` (see the module docstring); returns the report.
 
-    `config` is used as given (see `protocol_config` for the data set's geometry). `log` receives one
-    line per category.
+    `config` is a `PatchCoreConfig`, or a list of them for an ensemble, used as given (see
+    `protocol_config` for the data set's geometry). `log` receives one line per category.
     """
+    from patchcore_jax.ensemble import PatchCoreEnsemble
     from patchcore_jax.model import PatchCore
+
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    if not configs or not all(isinstance(c, PatchCoreConfig) for c in configs):
+        raise ValueError("config: expected a PatchCoreConfig or a non-empty list of them")
+    config = configs[0]  # the geometry every member shares
 
     if dataset not in datasets.DATASETS:
         raise ValueError(f"dataset: expected one of {datasets.DATASETS}, got {dataset!r}")
@@ -165,7 +191,8 @@ def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, cate
             raise ValueError(f"geometry {config.geometry!r}: the {dataset} protocol uses "
                              f"{'squash' if cat.squash else 'center_crop'} (see protocol_config)")
     outdir = OutputDir.claim(out, "evaluate", keep=True)
-    settings = {"dataset": dataset, "config": config.to_dict(), "mask_rule": mask_rule, "source": source}
+    settings = {"dataset": dataset, "config": config.to_dict() if len(configs) == 1 else [c.to_dict() for c in configs],
+                "mask_rule": mask_rule, "source": source}
     per_category = {}
     for i, cat in enumerate(cats, 1):
         rel = os.path.join("categories", f"{cat.name}.json")
@@ -185,11 +212,10 @@ def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, cate
             splits = {s: datasets.FolderSplit(getattr(cat, s), size=config.resize, squash=cat.squash) for s in ("train", "test")}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
-            model = PatchCore(config, progress=progress)
+            model = (PatchCore(config, progress=progress) if len(configs) == 1
+                     else PatchCoreEnsemble(configs, progress=progress))
         result, shown = evaluate_category(model, splits, mask_rule=mask_rule, heatmaps=heatmaps)
         if shown:
-            from patchcore_jax import visualize
-
             scale = model.color_scale()
             for record_name, pred, mask in shown:
                 outdir.write(os.path.join("heatmaps", cat.name, f"{record_name}.png"),
@@ -208,7 +234,7 @@ def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, cate
     report = {
         **settings,
         "root": display(os.path.abspath(root)),
-        "pretrained_backbone": config.weights is not None,
+        "pretrained_backbone": all(c.weights is not None for c in configs),
         "mean": mean,
         "categories": {n: {k: v for k, v in r.items() if k != "scores"} for n, r in per_category.items()},
     }
@@ -218,8 +244,6 @@ def evaluate(dataset: str, root: str, config: PatchCoreConfig, *, out: str, cate
         labels = [row["label"] for row in r["scores"]]
         if 0 < sum(labels) < len(labels):
             rocs[name] = metrics.roc_curve(labels, [row["score"] for row in r["scores"]])
-    from patchcore_jax import visualize
-
     outdir.write("summary.png", lambda tmp: visualize.summary_figure(tmp, report, rocs))
     table = io.StringIO()
     w = csv.writer(table)

@@ -13,27 +13,26 @@ checked on the host, where it has to go anyway.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
-import math
 import os
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from patchcore_jax import aggregate, backbone, coreset, neighbors, preprocess, scoring, segmentation
+from patchcore_jax import aggregate, backbone, coreset, neighbors, scoring, segmentation
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.detector import (  # noqa: F401 -- re-exported: the model's public names
+    CALIBRATION_QUANTILES, Detector, Prediction, Threshold, check_quantile, check_threshold,
+)
 from patchcore_jax.persistence import ModelFileError  # noqa: F401 -- re-exported: model files raise it
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Nominal patch scores recorded at fit (a seeded sample of training patches against the bank).
 CALIBRATION_SAMPLE = 4096
-CALIBRATION_QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
 
 
 def normalise(crops: jax.Array) -> jax.Array:
@@ -41,28 +40,7 @@ def normalise(crops: jax.Array) -> jax.Array:
     return (crops.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """One scored image: its name (file path or `images[i]`), the uint8 crop the model saw
-    `(crop, crop, 3)`, the image score (Eq. 7), the anomaly map `(crop, crop)` float32, and the
-    image's original `(height, width)` (see `PatchCore.frame_map`)."""
-
-    name: str
-    crop: np.ndarray
-    score: float
-    anomaly_map: np.ndarray
-    size: tuple[int, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class Threshold:
-    """A decision threshold (scores strictly above it are anomalous) and the rule that set it."""
-
-    value: float
-    rule: str
-
-
-class PatchCore:
+class PatchCore(Detector):
     """PatchCore anomaly detection (Roth et al., CVPR 2022).
 
     Example:
@@ -144,42 +122,17 @@ class PatchCore:
         """The memory bank's rows after fitting on `n` training patches."""
         return n if self.config.coreset_fraction >= 1.0 else max(1, int(n * self.config.coreset_fraction))
 
-    # -- the host stage ----------------------------------------------------------------------------
-    def prepare(self, image, *, name: str = "image") -> np.ndarray:
-        """One image (file path, PIL image or array `(H, W[, C])`) -> the uint8 crop `(crop, crop, 3)`
-        the model sees. Every input goes through here."""
-        return self._prepare(image, name)[0]
+    def _require_fitted(self) -> None:
+        if self.index is None:
+            raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
 
-    def _prepare(self, image, name: str) -> tuple[np.ndarray, tuple[int, int]]:
-        cfg = self.config
-        rgb = preprocess.load_image(image, name=name)
-        crop = preprocess.preprocess_image(rgb, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=name)
-        return crop, rgb.shape[:2]
+    def _scale_low(self) -> float:
+        return self.calibration["fit"]["patch_score_quantiles"]["0.5"]
 
-    def _crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray, list[tuple[int, int]]]]:
-        """`(names, uint8 crops (b, crop, crop, 3), original sizes)` with `b <= batch_size`, in input
-        order; only one batch of decoded images is held at a time."""
-        names, crops, sizes = [], [], []
-        for name, item in preprocess.iter_images(images):
-            crop, size = self._prepare(item, name)
-            names.append(name)
-            crops.append(crop)
-            sizes.append(size)
-            if len(crops) == self.config.batch_size:
-                yield names, np.stack(crops), sizes
-                names, crops, sizes = [], [], []
-        if crops:
-            yield names, np.stack(crops), sizes
-
-    def frame_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """A map `(crop, crop)` placed back into its image's original frame `size = (H, W)`: float32
-        `(H, W)`, NaN where the model did not look (outside the centre crop)."""
-        cfg = self.config
-        return preprocess.map_to_frame(anomaly_map, size, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
-
-    def _bar(self, images, desc):
-        total = len(images) if hasattr(images, "__len__") and not isinstance(images, (str, bytes, os.PathLike)) else None
-        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False)
+    def describe(self) -> str:
+        """One line about the bank, e.g. "bank 3136 x 1024 from 31360 patches"."""
+        self._require_fitted()
+        return f"bank {self.bank.shape[0]} x {self.bank.shape[1]} from {self.num_patches_seen} patches"
 
     # -- the device stage --------------------------------------------------------------------------
     def embed_crops(self, crops) -> jax.Array:
@@ -215,8 +168,7 @@ class PatchCore:
     def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
         """The device stage of `predict`: uint8 crops `(B, crop, crop, 3)` -> image scores `(B,)` and
         anomaly maps `(B, crop, crop)`, float32 host arrays."""
-        if self.index is None:
-            raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
+        self._require_fitted()
         feats = self.embed_crops(crops)
         b, h, w, d = feats.shape
         if self.mesh is not None:
@@ -339,137 +291,6 @@ class PatchCore:
             self.bank = jax.device_put(bank)
             self.index = neighbors.build_index(self.bank)
 
-    # -- prediction --------------------------------------------------------------------------------
-    def predict_iter(self, images) -> Iterator[Prediction]:
-        """Scores images one batch at a time and yields a `Prediction` per image, in input order."""
-        if self.index is None:
-            raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
-        for names, crops, sizes in self._crop_batches(images):
-            scores, maps = self.score_crops(crops)
-            for i, name in enumerate(names):
-                yield Prediction(name, crops[i], float(scores[i]), maps[i], tuple(int(v) for v in sizes[i]))
-
-    def predict(self, images, *, frame: str = "crop") -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
-        """Image scores `(N,)` (Eq. 7) and anomaly maps, in input order.
-
-        `frame="crop"`: maps `(N, crop, crop)` float32, as the model saw the images. `frame="original"`:
-        a list of `(H_i, W_i)` float32 maps at each image's own size and geometry, NaN where the model
-        did not look (outside the centre crop), so nothing near the border is cut away unseen.
-        """
-        if frame not in ("crop", "original"):
-            raise ValueError(f"frame: expected 'crop' or 'original', got {frame!r}")
-        if self.index is None:
-            raise ValueError("model: not fitted; call fit(images) or PatchCore.load(path) first")
-        scores, maps = [], []
-        with self._bar(images, "scoring") as bar:
-            for pred in self.predict_iter(images):
-                scores.append(pred.score)
-                maps.append(pred.anomaly_map if frame == "crop" else self.frame_map(pred.anomaly_map, pred.size))
-                bar.update(1)
-        if not scores:
-            raise ValueError("images: expected at least one test image, got none")
-        return np.asarray(scores, np.float32), (np.stack(maps) if frame == "crop" else maps)
-
-    # -- decisions ---------------------------------------------------------------------------------
-    @property
-    def threshold(self) -> float | None:
-        """The image-score decision threshold (None until set); scores strictly above are anomalous.
-        Setting it directly records the rule "manual"."""
-        return None if self.image_threshold is None else self.image_threshold.value
-
-    @threshold.setter
-    def threshold(self, value) -> None:
-        value = check_threshold(value)
-        self.image_threshold = None if value is None else Threshold(value, "manual")
-
-    def fit_threshold(self, good_scores, *, quantile: float = 1.0, margin: float = 0.0) -> float:
-        """Sets the image threshold from scores of held-out *good* images: their `quantile` (1.0 = the
-        maximum, so every held-out good image passes), times `1 + margin`."""
-        scores = np.asarray(good_scores, np.float64).ravel()
-        if scores.size == 0 or not np.isfinite(scores).all():
-            raise ValueError("good_scores: expected a non-empty array of finite scores")
-        check_quantile(quantile)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= -1:
-            raise ValueError(f"margin: expected a finite number > -1, got {margin!r}")
-        value = float(np.quantile(scores, quantile) * (1.0 + margin))
-        self.image_threshold = Threshold(value, f"quantile {quantile:g} of {scores.size} held-out good image scores"
-                                         + (f", times {1 + margin:g}" if margin else ""))
-        return value
-
-    def calibrate(self, good_images, *, quantile: float = 1.0) -> dict:
-        """Held-out *good* images fix the scale: the image threshold is the `quantile` of their scores,
-        the pixel threshold the `quantile` of their map values (1.0: every good image, and every good
-        pixel, passes), and their score and map distributions are stored (`calibration["good_images"]`)."""
-        check_quantile(quantile)
-        scores, maps = self.predict(good_images)
-        self.fit_threshold(scores, quantile=quantile)
-        values = maps.ravel()
-        pixel = float(np.quantile(values, quantile))
-        self.pixel_threshold = Threshold(pixel, f"quantile {quantile:g} of the map values of {len(scores)} held-out good images")
-        qs = (0.0,) + CALIBRATION_QUANTILES
-        self.calibration["good_images"] = {
-            "count": int(len(scores)),
-            "image_score_quantiles": {str(q): float(np.quantile(scores, q)) for q in qs},
-            "map_quantiles": {str(q): float(np.quantile(values, q)) for q in qs},
-        }
-        return {"image_threshold": self.threshold, "pixel_threshold": pixel, "images": int(len(scores))}
-
-    def calibrate_f1(self, images, labels, masks=None, *, mask_rule: str = "published") -> dict:
-        """A labelled validation set sets the F1-optimal thresholds (anomalib's "adaptive" ones): the
-        image threshold from `labels` `(N,)` (1 = anomalous), and, when `masks` are given (one `(H, W)`
-        mask per image at its original size, uint8 0..255 or bool), the pixel threshold over all
-        pixels of the crops. Returns precision, recall and F1 at each."""
-        from patchcore_jax import metrics
-
-        cfg = self.config
-        labels = np.asarray(labels).ravel()
-        scores, maps = self.predict(images)
-        if len(labels) != len(scores):
-            raise ValueError(f"labels: expected one label per image ({len(scores)}), got {len(labels)}")
-        report = {"images": int(len(scores))}
-        image = metrics.f1_optimal_threshold(labels, scores)
-        self.image_threshold = Threshold(image["threshold"], f"F1-optimal on a validation set of {len(scores)} images "
-                                                              f"(F1 {image['f1']:.3f})")
-        report["image"] = image
-        if masks is not None:
-            if len(masks) != len(scores):
-                raise ValueError(f"masks: expected one mask per image ({len(scores)}), got {len(masks)}")
-            crops = np.stack([preprocess.preprocess_mask(m, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
-                                                         rule=mask_rule, name=f"masks[{i}]") for i, m in enumerate(masks)])
-            pixel = metrics.f1_optimal_threshold(crops, maps)
-            self.pixel_threshold = Threshold(pixel["threshold"], f"F1-optimal over the pixels of a validation set of "
-                                                                  f"{len(scores)} images (F1 {pixel['f1']:.3f})")
-            report["pixel"] = pixel
-        return report
-
-    def classify(self, scores) -> np.ndarray:
-        """Boolean labels (True = anomalous): score strictly above the image threshold."""
-        if self.threshold is None:
-            raise ValueError("threshold: not set; call calibrate(held-out good images) or fit_threshold(scores) first")
-        return np.asarray(scores) > self.threshold
-
-    def color_scale(self) -> tuple[float, float, float]:
-        """`(low, pixel threshold, high)` of the heatmap colours, fixed by the model: `low` is the median
-        nominal patch score recorded at fit, the pixel threshold sits in the middle of the scale, and
-        `high = 2 * threshold - low`. The same model gives the same colours in every run."""
-        if self.pixel_threshold is None or "fit" not in self.calibration:
-            raise ValueError("model: not fitted; no colour scale yet")
-        low = self.calibration["fit"]["patch_score_quantiles"]["0.5"]
-        mid = max(self.pixel_threshold.value, low + 1e-6)
-        return low, mid, 2.0 * mid - low
-
-    def normalized_scores(self, scores) -> np.ndarray | None:
-        """Image scores mapped so that the median held-out good score is 0, the image threshold 0.5,
-        and `threshold + (threshold - median)` 1, clipped to [0, 1]; None without a threshold. Without
-        held-out good images, the median is taken as 0 (a plain `0.5 * score / threshold`)."""
-        if self.image_threshold is None:
-            return None
-        good = self.calibration.get("good_images")
-        low = good["image_score_quantiles"]["0.5"] if good else 0.0
-        t = self.image_threshold.value
-        span = t - low if t > low else max(abs(t), 1e-12)
-        return np.clip(0.5 + 0.5 * (np.asarray(scores, np.float64) - t) / span, 0.0, 1.0)
-
     # -- model files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model folder `path` (see `patchcore_jax.persistence`): sealed by a manifest of
@@ -484,22 +305,6 @@ class PatchCore:
         from patchcore_jax import persistence
 
         return persistence.load_model(path, progress=progress, mesh=mesh)
-
-
-def check_threshold(value) -> float | None:
-    """None, or a finite real number (returned as float); ValueError otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)):
-        raise ValueError(f"threshold: expected a finite number or None, got {value!r}")
-    return float(value)
-
-
-def check_quantile(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"quantile: expected a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def _pad_host(x: np.ndarray, size: int) -> np.ndarray:

@@ -9,8 +9,11 @@ Layout of a model folder (format 2):
   bank.safetensors      "bank": `(M, target_dim)` float32, the coreset memory bank
   backbone.safetensors  the backbone's weights as used at fit (torchvision names and layouts), so the
                         folder alone predicts the same scores on another machine
-A folder holding anything else, missing a file, or with any byte changed is refused by `load_model`
-with a `ModelFileError` naming the file. Every field of `config.json` is type-checked.
+An ensemble (`patchcore_jax.ensemble`) is one folder too: `manifest.json`, `ensemble.json` (its
+thresholds and calibration) and `member-0/`, `member-1/`, ... each holding a member's three files,
+all sealed by the one manifest. A folder holding anything else, missing a file, or with any byte
+changed is refused by `read_model_files` / `load` with a `ModelFileError` naming the file. Every
+field of `config.json` and `ensemble.json` is type-checked.
 
 Writing (`save_model`):
 - Only into a path that does not exist, an empty folder, or an earlier model folder holding nothing
@@ -46,7 +49,38 @@ FORMAT = "patchcore-jax-model"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 FILES = ("backbone.safetensors", "bank.safetensors", "config.json")
+ENSEMBLE = "ensemble.json"
 _MAX_JSON_BYTES = 1 << 20
+
+
+def _layout(names) -> set[str]:
+    """The files a folder must hold: one model's, or an ensemble's of as many members as `names` has
+    `member-i/` prefixes (numbered from 0)."""
+    names = set(names)
+    if ENSEMBLE not in names:
+        return set(FILES)
+    count = len({n.split("/", 1)[0] for n in names if "/" in n})
+    return {ENSEMBLE} | {f"member-{i}/{f}" for i in range(count) for f in FILES}
+
+
+def _tree(folder: str) -> set[str] | None:
+    """Relative paths of the files under `folder` (one level of sub-folders), or None if it holds
+    anything else (a link, a FIFO, a deeper folder)."""
+    out = set()
+    try:
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False):
+                out.add(entry.name)
+            elif entry.is_dir(follow_symlinks=False):
+                for sub in os.scandir(entry.path):
+                    if not sub.is_file(follow_symlinks=False):
+                        return None
+                    out.add(f"{entry.name}/{sub.name}")
+            else:
+                return None
+    except OSError:
+        return None
+    return out
 
 
 class ModelFileError(ValueError):
@@ -104,8 +138,9 @@ def _parse_manifest(raw: bytes, where: str) -> dict[str, dict]:
     if manifest["manifest_sha256"] != _sha256(_canonical(body)) or raw != _canonical(manifest):
         raise ModelFileError(f"{where}: its content does not match its own checksum (modified or damaged)")
     files = manifest["files"]
-    if not isinstance(files, dict) or set(files) != set(FILES):
-        raise ModelFileError(f"{where}: expected entries for {list(FILES)}, got {sorted(files) if isinstance(files, dict) else files!r}")
+    if not isinstance(files, dict) or set(files) != _layout(files) or set(files) == {ENSEMBLE}:
+        raise ModelFileError(f"{where}: expected the entries of a model ({list(FILES)}) or of an ensemble, got "
+                             f"{sorted(files) if isinstance(files, dict) else files!r}")
     for name, entry in files.items():
         if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not isinstance(entry["sha256"], str)
                 or isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int)):
@@ -138,15 +173,23 @@ def _read_verified(path: str) -> dict[str, bytes]:
     except OSError as err:
         raise ModelFileError(f"{where}: not a model folder ({err.strerror})") from None
     try:
-        names = set(os.listdir(dir_fd))
-        if MANIFEST not in names:
-            old = "config.json" in names and "bank.safetensors" in names
+        top = set(os.listdir(dir_fd))
+        if MANIFEST not in top:
+            old = "config.json" in top and "bank.safetensors" in top
             raise ModelFileError(f"{display(os.path.join(path, MANIFEST))}: missing; " + (
                 f"{where} was written by an older patchcore-jax (format 1, no manifest); refit the model" if old else
                 f"{where} is not a complete patchcore-jax model"))
         files = _parse_manifest(_read_file(dir_fd, MANIFEST, display(os.path.join(path, MANIFEST)), _MAX_JSON_BYTES),
                                 display(os.path.join(path, MANIFEST)))
-        for name in sorted(names - set(files) - {MANIFEST}):
+        folders = {n.split("/", 1)[0] for n in files if "/" in n}
+        names = set()
+        for name in sorted(top - {MANIFEST}):
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) and name in folders:
+                names |= {f"{name}/{n}" for n in os.listdir(os.path.join(path, name))}
+            else:
+                names.add(name)
+        for name in sorted(names - set(files)):
             raise ModelFileError(f"{display(os.path.join(path, name))}: not part of the model (the manifest does not "
                                  "list it); a model folder holds only its own files")
         for name in sorted(set(files) - names):
@@ -188,13 +231,7 @@ def _parse_config(raw: bytes, where: str) -> dict:
         meta["config"] = PatchCoreConfig.from_dict(meta["config"], strict=True)
     except (TypeError, ValueError) as err:
         raise ModelFileError(f"{where}: {err}") from None
-    thresholds = meta["thresholds"]
-    _expect(isinstance(thresholds, dict) and set(thresholds) == {"image", "pixel"}, where,
-            f"thresholds: expected {{'image': ..., 'pixel': ...}}, got {thresholds!r}")
-    for kind, t in thresholds.items():
-        _expect(t is None or (isinstance(t, dict) and set(t) == {"value", "rule"} and _is_number(t["value"])
-                              and isinstance(t["rule"], str)), where,
-                f"thresholds.{kind}: expected null or {{'value': a finite number, 'rule': a string}}, got {t!r}")
+    _check_thresholds(meta["thresholds"], where)
     _expect(_is_int(meta["num_patches_seen"]) and meta["num_patches_seen"] >= 0, where,
             f"num_patches_seen: expected an integer >= 0, got {meta['num_patches_seen']!r}")
     shape = meta["bank_shape"]
@@ -208,6 +245,15 @@ def _parse_config(raw: bytes, where: str) -> dict:
     _expect(isinstance(meta["library_version"], str), where, "library_version: expected a string")
     _check_calibration(meta["calibration"], where)
     return meta
+
+
+def _check_thresholds(thresholds, where: str) -> None:
+    _expect(isinstance(thresholds, dict) and set(thresholds) == {"image", "pixel"}, where,
+            f"thresholds: expected {{'image': ..., 'pixel': ...}}, got {thresholds!r}")
+    for kind, t in thresholds.items():
+        _expect(t is None or (isinstance(t, dict) and set(t) == {"value", "rule"} and _is_number(t["value"])
+                              and isinstance(t["rule"], str)), where,
+                f"thresholds.{kind}: expected null or {{'value': a finite number, 'rule': a string}}, got {t!r}")
 
 
 def _quantiles(q, keys, where: str, what: str) -> None:
@@ -246,9 +292,11 @@ def _parse_tensors(raw: bytes, where: str) -> dict[str, np.ndarray]:
 
 
 def read_model_files(path) -> dict:
-    """Reads and verifies every file of a model folder without building the model: returns
-    `{"meta": config.json's fields (config as a PatchCoreConfig), "bank": (M, D) float32,
-    "weights": the backbone's state dict}`; `ModelFileError` (one line, naming the file) otherwise."""
+    """Reads and verifies every file of a model folder without building the model. Returns, for one
+    model, `{"kind": "model", "meta": config.json's fields (config as a PatchCoreConfig), "bank": (M, D)
+    float32, "weights": the backbone's state dict, "where"}`, for an ensemble `{"kind": "ensemble",
+    "meta": ensemble.json's fields, "members": [the same per member]}`; `ModelFileError` (one line,
+    naming the file) otherwise."""
     path = os.path.abspath(os.fsdecode(path))
     with contextlib.suppress(OSError):  # a read-only location still loads
         _tidy(path)
@@ -262,6 +310,17 @@ def read_model_files(path) -> dict:
                 continue  # replaced by a concurrent save while it was read: read the new one
             raise
     join = lambda name: display(os.path.join(path, name))  # noqa: E731
+    if ENSEMBLE in contents:
+        meta = _parse_ensemble(contents.pop(ENSEMBLE), join(ENSEMBLE))
+        count = len({n.split("/", 1)[0] for n in contents})
+        _expect(meta["members"] == count, join(ENSEMBLE), f"members: {meta['members']}, but the folder holds {count}")
+        members = [_parse_member({f: contents.pop(f"member-{i}/{f}") for f in FILES}, lambda f, i=i: join(f"member-{i}/{f}"))
+                   for i in range(count)]
+        return {"kind": "ensemble", "meta": meta, "members": members}
+    return {"kind": "model", **_parse_member(contents, join)}
+
+
+def _parse_member(contents: dict[str, bytes], join) -> dict:
     meta = _parse_config(contents["config.json"], join("config.json"))
     bank = _parse_tensors(contents["bank.safetensors"], join("bank.safetensors"))
     _expect(set(bank) == {"bank"}, join("bank.safetensors"), f"expected one tensor 'bank', got {sorted(bank)}")
@@ -272,27 +331,65 @@ def read_model_files(path) -> dict:
     weights = _parse_tensors(contents["backbone.safetensors"], join("backbone.safetensors"))
     bad = sorted(k for k, v in weights.items() if v.dtype != np.float32)
     _expect(not bad, join("backbone.safetensors"), f"expected float32 tensors, got {bad[:4]}")
-    return {"meta": meta, "bank": bank, "weights": weights}
+    return {"meta": meta, "bank": bank, "weights": weights, "where": join("backbone.safetensors")}
+
+
+def _parse_ensemble(raw: bytes, where: str) -> dict:
+    meta = _strict_json(raw, where)
+    keys = {"members", "thresholds", "calibration", "library_version"}
+    _expect(isinstance(meta, dict) and set(meta) == keys, where,
+            f"expected exactly the fields {sorted(keys)}, got {sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")
+    _expect(_is_int(meta["members"]) and meta["members"] >= 1, where, "members: expected an integer >= 1")
+    _check_thresholds(meta["thresholds"], where)
+    _check_calibration(meta["calibration"], where)
+    _expect(isinstance(meta["library_version"], str), where, "library_version: expected a string")
+    return meta
+
+
+def load(path, *, progress: bool = True, mesh=None):
+    """Reads, verifies and builds the model (a `PatchCore`) or ensemble (a `PatchCoreEnsemble`) of a
+    folder written by `save_model`."""
+    from patchcore_jax.ensemble import PatchCoreEnsemble
+
+    files = read_model_files(path)
+    if files["kind"] == "model":
+        return _build_member(files, progress=progress, mesh=mesh)
+    members = [_build_member(m, progress=progress, mesh=mesh) for m in files["members"]]
+    ensemble = PatchCoreEnsemble(members=members, progress=progress)
+    _apply_decisions(ensemble, files["meta"])
+    return ensemble
 
 
 def load_model(path, *, progress: bool = True, mesh=None):
-    """Reads, verifies and builds the model of a folder written by `save_model`."""
-    from patchcore_jax.model import PatchCore, Threshold
-
+    """Reads, verifies and builds the `PatchCore` of a folder written by `save_model`."""
     files = read_model_files(path)
+    if files["kind"] != "model":
+        raise ModelFileError(f"{display(os.path.abspath(os.fsdecode(path)))}: an ensemble of {len(files['members'])} "
+                             "members; load it with patchcore_jax.load or PatchCoreEnsemble.load")
+    return _build_member(files, progress=progress, mesh=mesh)
+
+
+def _build_member(files: dict, *, progress: bool, mesh):
+    from patchcore_jax.model import PatchCore
+
     meta = files["meta"]
-    where = display(os.path.join(os.path.abspath(os.fsdecode(path)), "backbone.safetensors"))
     try:
         model = PatchCore(meta["config"], progress=progress, mesh=mesh, backbone_weights=files.pop("weights"))
     except ValueError as err:
-        raise ModelFileError(f"{where}: {err}") from None
+        raise ModelFileError(f"{files['where']}: {err}") from None
     model.set_bank(files.pop("bank"))
-    for kind, t in meta["thresholds"].items():
-        setattr(model, f"{kind}_threshold", None if t is None else Threshold(float(t["value"]), t["rule"]))
+    _apply_decisions(model, meta)
     model.num_patches_seen = meta["num_patches_seen"]
-    model.calibration = meta["calibration"]
     model.weights_sha256 = meta["weights"]["sha256"]
     return model
+
+
+def _apply_decisions(detector, meta: dict) -> None:
+    from patchcore_jax.detector import Threshold
+
+    for kind, t in meta["thresholds"].items():
+        setattr(detector, f"{kind}_threshold", None if t is None else Threshold(float(t["value"]), t["rule"]))
+    detector.calibration = meta["calibration"]
 
 
 def _inode(path: str):
@@ -351,13 +448,18 @@ def check_target(path) -> None:
     if not ours:
         raise ValueError(f"{display(os.path.join(path, MANIFEST))}: not a patchcore-jax model manifest; "
                          f"refusing to replace {where}")
-    foreign = [n for n in names if n != MANIFEST and n not in FILES]
-    if foreign:
-        raise ValueError(f"{display(os.path.join(path, foreign[0]))}: is not part of the model in {where}; "
+    tree = _tree(path)
+    foreign = sorted(n for n in (tree or set(names)) if n != MANIFEST and n not in _layout(tree or ()))
+    if tree is None or foreign:
+        name = foreign[0] if foreign else next(n for n in names if n != MANIFEST)
+        raise ValueError(f"{display(os.path.join(path, name))}: is not part of the model in {where}; "
                          "refusing to replace a folder that holds other files")
 
 
 def _write(dir_fd: int, name: str, data: bytes) -> None:
+    if "/" in name:  # a member's file: its folder first (mode 0777 less the umask)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name.split("/", 1)[0], 0o777, dir_fd=dir_fd)
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -418,10 +520,8 @@ def _leftovers(path: str) -> list[str]:
 
 
 def _only_model_files(folder: str) -> bool:
-    try:
-        return set(os.listdir(folder)) <= set(FILES) | {MANIFEST}
-    except OSError:
-        return False
+    tree = _tree(folder)
+    return tree is not None and tree - {MANIFEST} <= _layout(tree)
 
 
 def _tidy(path: str) -> None:
@@ -449,15 +549,27 @@ def _tidy(path: str) -> None:
         _fsync_dir(os.path.dirname(path))
 
 
-def _model_files(model) -> dict[str, bytes]:
-    from safetensors.numpy import save
+def _thresholds(detector) -> dict:
+    return {kind: None if t is None else {"value": t.value, "rule": t.rule}
+            for kind, t in (("image", detector.image_threshold), ("pixel", detector.pixel_threshold))}
 
+
+def _model_files(model) -> dict[str, bytes]:
+    """The files of a `PatchCore`, or of a `PatchCoreEnsemble` (its members in `member-i/`)."""
     import patchcore_jax
+
+    members = getattr(model, "members", None)
+    if members is not None:
+        files = {ENSEMBLE: _canonical({"members": len(members), "thresholds": _thresholds(model),
+                                       "calibration": model.calibration, "library_version": patchcore_jax.__version__})}
+        for i, member in enumerate(members):
+            files.update({f"member-{i}/{name}": data for name, data in _model_files(member).items()})
+        return files
+    from safetensors.numpy import save
 
     config = {
         "config": model.config.to_dict(),
-        "thresholds": {kind: None if t is None else {"value": t.value, "rule": t.rule}
-                       for kind, t in (("image", model.image_threshold), ("pixel", model.pixel_threshold))},
+        "thresholds": _thresholds(model),
         "num_patches_seen": int(model.num_patches_seen),
         "bank_shape": [int(s) for s in model.bank.shape],
         "calibration": model.calibration,
@@ -472,9 +584,9 @@ def _model_files(model) -> dict[str, bytes]:
 
 
 def save_model(model, path) -> None:
-    """Writes `model` to the folder `path` (see the module docstring)."""
-    if model.bank is None:
-        raise ValueError("model: nothing to save; fit it first")
+    """Writes `model` (a `PatchCore` or a `PatchCoreEnsemble`) to the folder `path` (see the module
+    docstring)."""
+    model._require_fitted()
     path = os.path.abspath(os.fsdecode(path))
     check_target(path)
     parent = os.path.dirname(path)

@@ -1,0 +1,242 @@
+"""The decision layer shared by a single PatchCore model and an ensemble of them.
+
+A `Detector` owns the host stage (every input through `preprocess`, in batches, in input order), the
+thresholds and the calibration that fix the score scale, and the colours of the maps. Subclasses
+provide the device stage: `score_crops(crops) -> (scores, maps)` on uint8 crops, `config` (whose
+`resize`, `crop`, `geometry` and `batch_size` the host stage uses), `_require_fitted()`, and
+`_scale_low()` (the bottom of the colour scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from patchcore_jax import preprocess
+
+# Quantiles recorded by the calibrations (keyed by str(q) in `calibration`).
+CALIBRATION_QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One scored image: its name (file path or `images[i]`), the uint8 crop the model saw
+    `(crop, crop, 3)`, the image score (Eq. 7), the anomaly map `(crop, crop)` float32, and the
+    image's original `(height, width)` (see `PatchCore.frame_map`)."""
+
+    name: str
+    crop: np.ndarray
+    score: float
+    anomaly_map: np.ndarray
+    size: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """A decision threshold (scores strictly above it are anomalous) and the rule that set it."""
+
+    value: float
+    rule: str
+
+
+class Detector:
+    """Host stage, predictions and decisions; see the module docstring."""
+
+    config = None  # set by subclasses
+    progress = True
+
+    def _require_fitted(self) -> None:
+        raise NotImplementedError
+
+    def _scale_low(self) -> float:
+        raise NotImplementedError
+
+    def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    # -- the host stage ----------------------------------------------------------------------------
+    def prepare(self, image, *, name: str = "image") -> np.ndarray:
+        """One image (file path, PIL image or array `(H, W[, C])`) -> the uint8 crop `(crop, crop, 3)`
+        the model sees. Every input goes through here."""
+        return self._prepare(image, name)[0]
+
+    def _prepare(self, image, name: str) -> tuple[np.ndarray, tuple[int, int]]:
+        cfg = self.config
+        rgb = preprocess.load_image(image, name=name)
+        crop = preprocess.preprocess_image(rgb, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=name)
+        return crop, rgb.shape[:2]
+
+    def _crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray, list[tuple[int, int]]]]:
+        """`(names, uint8 crops (b, crop, crop, 3), original sizes)` with `b <= batch_size`, in input
+        order; only one batch of decoded images is held at a time."""
+        names, crops, sizes = [], [], []
+        for name, item in preprocess.iter_images(images):
+            crop, size = self._prepare(item, name)
+            names.append(name)
+            crops.append(crop)
+            sizes.append(size)
+            if len(crops) == self.config.batch_size:
+                yield names, np.stack(crops), sizes
+                names, crops, sizes = [], [], []
+        if crops:
+            yield names, np.stack(crops), sizes
+
+    def frame_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A map `(crop, crop)` placed back into its image's original frame `size = (H, W)`: float32
+        `(H, W)`, NaN where the model did not look (outside the centre crop)."""
+        cfg = self.config
+        return preprocess.map_to_frame(anomaly_map, size, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
+
+    def _bar(self, images, desc):
+        total = len(images) if hasattr(images, "__len__") and not isinstance(images, (str, bytes, os.PathLike)) else None
+        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False)
+
+    # -- prediction --------------------------------------------------------------------------------
+    def predict_iter(self, images) -> Iterator[Prediction]:
+        """Scores images one batch at a time and yields a `Prediction` per image, in input order."""
+        self._require_fitted()
+        for names, crops, sizes in self._crop_batches(images):
+            scores, maps = self.score_crops(crops)
+            for i, name in enumerate(names):
+                yield Prediction(name, crops[i], float(scores[i]), maps[i], tuple(int(v) for v in sizes[i]))
+
+    def predict(self, images, *, frame: str = "crop") -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
+        """Image scores `(N,)` (Eq. 7) and anomaly maps, in input order.
+
+        `frame="crop"`: maps `(N, crop, crop)` float32, as the model saw the images. `frame="original"`:
+        a list of `(H_i, W_i)` float32 maps at each image's own size and geometry, NaN where the model
+        did not look (outside the centre crop), so nothing near the border is cut away unseen.
+        """
+        if frame not in ("crop", "original"):
+            raise ValueError(f"frame: expected 'crop' or 'original', got {frame!r}")
+        self._require_fitted()
+        scores, maps = [], []
+        with self._bar(images, "scoring") as bar:
+            for pred in self.predict_iter(images):
+                scores.append(pred.score)
+                maps.append(pred.anomaly_map if frame == "crop" else self.frame_map(pred.anomaly_map, pred.size))
+                bar.update(1)
+        if not scores:
+            raise ValueError("images: expected at least one test image, got none")
+        return np.asarray(scores, np.float32), (np.stack(maps) if frame == "crop" else maps)
+
+    # -- decisions ---------------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float | None:
+        """The image-score decision threshold (None until set); scores strictly above are anomalous.
+        Setting it directly records the rule "manual"."""
+        return None if self.image_threshold is None else self.image_threshold.value
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        value = check_threshold(value)
+        self.image_threshold = None if value is None else Threshold(value, "manual")
+
+    def fit_threshold(self, good_scores, *, quantile: float = 1.0, margin: float = 0.0) -> float:
+        """Sets the image threshold from scores of held-out *good* images: their `quantile` (1.0 = the
+        maximum, so every held-out good image passes), times `1 + margin`."""
+        scores = np.asarray(good_scores, np.float64).ravel()
+        if scores.size == 0 or not np.isfinite(scores).all():
+            raise ValueError("good_scores: expected a non-empty array of finite scores")
+        check_quantile(quantile)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin <= -1:
+            raise ValueError(f"margin: expected a finite number > -1, got {margin!r}")
+        value = float(np.quantile(scores, quantile) * (1.0 + margin))
+        self.image_threshold = Threshold(value, f"quantile {quantile:g} of {scores.size} held-out good image scores"
+                                         + (f", times {1 + margin:g}" if margin else ""))
+        return value
+
+    def calibrate(self, good_images, *, quantile: float = 1.0) -> dict:
+        """Held-out *good* images fix the scale: the image threshold is the `quantile` of their scores,
+        the pixel threshold the `quantile` of their map values (1.0: every good image, and every good
+        pixel, passes), and their score and map distributions are stored (`calibration["good_images"]`)."""
+        check_quantile(quantile)
+        scores, maps = self.predict(good_images)
+        self.fit_threshold(scores, quantile=quantile)
+        values = maps.ravel()
+        pixel = float(np.quantile(values, quantile))
+        self.pixel_threshold = Threshold(pixel, f"quantile {quantile:g} of the map values of {len(scores)} held-out good images")
+        qs = (0.0,) + CALIBRATION_QUANTILES
+        self.calibration["good_images"] = {
+            "count": int(len(scores)),
+            "image_score_quantiles": {str(q): float(np.quantile(scores, q)) for q in qs},
+            "map_quantiles": {str(q): float(np.quantile(values, q)) for q in qs},
+        }
+        return {"image_threshold": self.threshold, "pixel_threshold": pixel, "images": int(len(scores))}
+
+    def calibrate_f1(self, images, labels, masks=None, *, mask_rule: str = "published") -> dict:
+        """A labelled validation set sets the F1-optimal thresholds (anomalib's "adaptive" ones): the
+        image threshold from `labels` `(N,)` (1 = anomalous), and, when `masks` are given (one `(H, W)`
+        mask per image at its original size, uint8 0..255 or bool), the pixel threshold over all
+        pixels of the crops. Returns precision, recall and F1 at each."""
+        from patchcore_jax import metrics
+
+        cfg = self.config
+        labels = np.asarray(labels).ravel()
+        scores, maps = self.predict(images)
+        if len(labels) != len(scores):
+            raise ValueError(f"labels: expected one label per image ({len(scores)}), got {len(labels)}")
+        report = {"images": int(len(scores))}
+        image = metrics.f1_optimal_threshold(labels, scores)
+        self.image_threshold = Threshold(image["threshold"], f"F1-optimal on a validation set of {len(scores)} images "
+                                                              f"(F1 {image['f1']:.3f})")
+        report["image"] = image
+        if masks is not None:
+            if len(masks) != len(scores):
+                raise ValueError(f"masks: expected one mask per image ({len(scores)}), got {len(masks)}")
+            crops = np.stack([preprocess.preprocess_mask(m, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
+                                                         rule=mask_rule, name=f"masks[{i}]") for i, m in enumerate(masks)])
+            pixel = metrics.f1_optimal_threshold(crops, maps)
+            self.pixel_threshold = Threshold(pixel["threshold"], f"F1-optimal over the pixels of a validation set of "
+                                                                  f"{len(scores)} images (F1 {pixel['f1']:.3f})")
+            report["pixel"] = pixel
+        return report
+
+    def classify(self, scores) -> np.ndarray:
+        """Boolean labels (True = anomalous): score strictly above the image threshold."""
+        if self.threshold is None:
+            raise ValueError("threshold: not set; call calibrate(held-out good images) or fit_threshold(scores) first")
+        return np.asarray(scores) > self.threshold
+
+    def color_scale(self) -> tuple[float, float, float]:
+        """`(low, pixel threshold, high)` of the heatmap colours, fixed by the model: `low` is the median
+        nominal patch score recorded at fit, the pixel threshold sits in the middle of the scale, and
+        `high = 2 * threshold - low`. The same model gives the same colours in every run."""
+        self._require_fitted()
+        low = self._scale_low()
+        mid = max(self.pixel_threshold.value, low + 1e-6)
+        return low, mid, 2.0 * mid - low
+
+    def normalized_scores(self, scores) -> np.ndarray | None:
+        """Image scores mapped so that the median held-out good score is 0, the image threshold 0.5,
+        and `threshold + (threshold - median)` 1, clipped to [0, 1]; None without a threshold. Without
+        held-out good images, the median is taken as 0 (a plain `0.5 * score / threshold`)."""
+        if self.image_threshold is None:
+            return None
+        good = self.calibration.get("good_images")
+        low = good["image_score_quantiles"]["0.5"] if good else 0.0
+        t = self.image_threshold.value
+        span = t - low if t > low else max(abs(t), 1e-12)
+        return np.clip(0.5 + 0.5 * (np.asarray(scores, np.float64) - t) / span, 0.0, 1.0)
+
+
+
+def check_threshold(value) -> float | None:
+    """None, or a finite real number (returned as float); ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)):
+        raise ValueError(f"threshold: expected a finite number or None, got {value!r}")
+    return float(value)
+
+
+def check_quantile(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"quantile: expected a number in [0, 1], got {value!r}")
+    return float(value)
