@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference import _checks
+from patchcore_jax import _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference import _checks
+from patchcore_jax import _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -121,9 +121,7 @@ def _search(index: BankIndex, queries, *, k, query_block):
 
 def search(index: BankIndex, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> tuple[jax.Array, jax.Array]:
     """Exact k nearest rows of a prepared bank; shapes and meaning as `nearest_neighbors`."""
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != index.rows.shape[1]:
-        raise ValueError(f"queries: expected shape (Q, {index.rows.shape[1]}) to match the bank, got {tuple(queries.shape)}")
+    _checks.check_width("queries", queries, "Q", index.rows.shape[1], "the bank")
     k = _checks.check_int("k", k, low=1, high=index.size)
     query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])
     return _search(index, jnp.asarray(queries), k=k, query_block=query_block)
@@ -138,11 +136,7 @@ def nearest_neighbors(bank: jax.Array, queries: jax.Array, k: int = 1) -> tuple[
       distances `(Q, k)`, Euclidean (not squared), ascending; indices `(Q, k)` int32, ties to the
       lower bank index. For repeated searches of one bank, `build_index` once and call `search`.
     """
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != d:
-        raise ValueError(f"queries: expected shape (Q, {d}) to match bank (N, {d}), got {tuple(queries.shape)}")
-    _checks.check_int("k", k, low=1, high=n)
+    _checks.check_search_args(bank, queries, k)
     return search(build_index(bank), queries, k)
 
 
@@ -173,11 +167,7 @@ def approximate_nearest_neighbors(
     Shapes as `nearest_neighbors`; distances of the returned rows are exact. Memory is
     `query_block x N` per step.
     """
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != d:
-        raise ValueError(f"queries: expected shape (Q, {d}) to match bank (N, {d}), got {tuple(queries.shape)}")
-    k = _checks.check_int("k", k, low=1, high=n)
+    _, k = _checks.check_search_args(bank, queries, k)
     if not 0.0 < recall_target <= 1.0:
         raise ValueError(f"recall_target: expected a value in (0, 1], got {recall_target}")
     query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])

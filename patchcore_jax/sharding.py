@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from patchcore_jax import coreset as coreset_lib
 from patchcore_jax import neighbors, scoring
-from reference import _checks
+from patchcore_jax import _checks
 
 AXIS = "rows"
 
@@ -190,9 +190,7 @@ def nearest_neighbors(bank, queries, k: int = 1, *, mesh: Mesh | None = None):
     """`neighbors.nearest_neighbors` over a row-sharded bank (or a sharded `BankIndex`)."""
     mesh = mesh or make_mesh()
     index = bank if isinstance(bank, neighbors.BankIndex) else build_index(bank, mesh)
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != index.rows.shape[1]:
-        raise ValueError(f"queries: expected shape (Q, {index.rows.shape[1]}) to match the bank, got {tuple(queries.shape)}")
+    _checks.check_width("queries", queries, "Q", index.rows.shape[1], "the bank")
     k = _checks.check_int("k", k, low=1, high=index.size)
     return _search_jit(index, _host_or_device(queries), k=k, mesh=mesh)
 
@@ -207,9 +205,7 @@ def image_scores(index_or_bank, patch_features, *, num_neighbors: int = 9, mesh:
     """`scoring.image_scores` over a row-sharded bank; same values as on one device."""
     mesh = mesh or make_mesh()
     index = index_or_bank if isinstance(index_or_bank, neighbors.BankIndex) else build_index(index_or_bank, mesh)
-    b, p, d = _checks.check_array("patch_features", patch_features, ndim=3)
-    if d != index.rows.shape[1]:
-        raise ValueError(f"patch_features: expected shape (B, P, {index.rows.shape[1]}) to match the bank, got {(b, p, d)}")
+    _checks.check_width("patch_features", patch_features, "B, P", index.rows.shape[1], "the bank")
     num_neighbors = _checks.check_int("num_neighbors", num_neighbors, low=1, high=index.size)
     return _scores_jit(index, _host_or_device(patch_features), num_neighbors=num_neighbors, mesh=mesh)
 
