@@ -1,6 +1,6 @@
 """The readable oracle of PatchCore's numerics, written against the Python array API standard.
 
-Every function takes arrays of any standard namespace (NumPy, JAX, PyTorch, CuPy, array_api_strict)
+Every function takes arrays of any standard namespace (NumPy, JAX, PyTorch, array_api_strict, ...)
 and returns arrays of the caller's namespace, computing in float64 where the namespace has it. It never
 imports JAX. Functions and meanings follow the shared numerics contract; `patchcore_jax` exposes the
 same names.

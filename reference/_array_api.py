@@ -39,6 +39,8 @@ def real_float(xp: Any, dev: Any = None) -> Any:
     JAX has float64 only under `jax_enable_x64`; Apple's MPS has none.
     """
     info = xp.__array_namespace_info__()
+    # DECISION: the oracle computes in float64 whenever it can; where it cannot, it still runs (in
+    # the namespace's default float) rather than refusing, and its tolerance is then the caller's.
     floats = info.dtypes(kind="real floating", device=dev)
     return floats.get("float64", info.default_dtypes(device=dev)["real floating"])
 

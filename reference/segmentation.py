@@ -26,15 +26,14 @@ def gaussian_blur_1d(x: Any, sigma: float, axis: int, *, truncate: float = 4.0) 
     taps = xp.arange(-radius, radius + 1, dtype=x.dtype, device=dev)
     weights = xp.exp(-0.5 * (taps / sigma) ** 2)
     weights = weights / xp.sum(weights)
-    # SciPy's mode="reflect" for any offset: the padded axis is periodic with period 2n.
-    source = xp.arange(-radius, n + radius, dtype=index_dtype(xp, dev), device=dev) % (2 * n)
-    source = xp.where(source >= n, 2 * n - 1 - source, source)
-    padded = xp.take(x, source, axis=axis)
+    positions = xp.arange(n, dtype=index_dtype(xp, dev), device=dev)
     out = xp.zeros_like(x)
-    for t in range(2 * radius + 1):
-        window = [slice(None)] * x.ndim
-        window[axis] = slice(t, t + n)
-        out = out + weights[t] * padded[tuple(window)]
+    for t in range(-radius, radius + 1):
+        # out[i] += w_t x[i + t], with SciPy's mode="reflect" for any offset: the reflected axis is
+        # periodic with period 2n.
+        source = (positions + t) % (2 * n)
+        source = xp.where(source >= n, 2 * n - 1 - source, source)
+        out = out + weights[t + radius] * xp.take(x, source, axis=axis)
     return out
 
 
