@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from patchcore_jax import _linear_maps
-from reference import _checks
+from patchcore_jax import _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

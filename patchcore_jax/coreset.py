@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference import _checks
+from patchcore_jax import _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -28,7 +28,15 @@ def random_projection(key_or_seed, in_dim: int, out_dim: int, *, dtype=jnp.float
     `torch.nn.Linear` (the published sampler's). The caller owns the key."""
     in_dim = _checks.check_int("in_dim", in_dim, low=1)
     out_dim = _checks.check_int("out_dim", out_dim, low=1)
-    key = jax.random.key(key_or_seed) if isinstance(key_or_seed, (int, np.integer)) else key_or_seed
+    if isinstance(key_or_seed, (int, np.integer)):
+        seed = int(key_or_seed)
+        # Explicitly to the device (the same key as jax.random.key(seed)); nothing moves implicitly.
+        key_or_seed = jax.random.key(jax.device_put(np.uint32(seed)) if 0 <= seed < 2**32 else seed)
+    return _uniform_projection(key_or_seed, in_dim=in_dim, out_dim=out_dim, dtype=jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("in_dim", "out_dim", "dtype"))
+def _uniform_projection(key, *, in_dim, out_dim, dtype):
     bound = 1.0 / np.sqrt(in_dim)
     return jax.random.uniform(key, (in_dim, out_dim), dtype, -bound, bound)
 
@@ -37,8 +45,8 @@ def _acc_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _sq_dist_to(stored, norms, row_index):
-    """Squared distances of every stored row to row `row_index`.
+def _sq_dist_to_row(stored, norms, row):
+    """Squared distances of every stored row to `row` (a stored row, in the accumulation dtype).
 
     With a projection, `stored` is the centred `N x P` projected bank: one matrix-vector product with
     the cached norms (the memory-bound minimum). Without one, `stored` is the caller's `N x D` bank,
@@ -46,21 +54,34 @@ def _sq_dist_to(stored, norms, row_index):
     centring is needed (`norms` is None there).
     """
     acc = _acc_dtype(stored.dtype)
-    row = stored[row_index].astype(acc)
     if norms is None:
         return jnp.sum(jnp.square(stored.astype(acc) - row), axis=-1)
     dots = jnp.dot(stored, row.astype(stored.dtype), precision=_HIGHEST, preferred_element_type=acc)
     return norms - 2.0 * dots + jnp.sum(jnp.square(row))
 
 
-@functools.partial(jax.jit, static_argnames=("store_dtype",))
-def _prepare(bank, projection, starts, *, store_dtype):
-    """Projected, centred bank (or None), its squared norms (or None), and the start distances."""
+def _sq_dist_to(stored, norms, row_index):
+    """Squared distances of every stored row to row `row_index`."""
+    return _sq_dist_to_row(stored, norms, stored[row_index].astype(_acc_dtype(stored.dtype)))
+
+
+def prepare(bank, projection, starts, *, store_dtype, n_real=None):
+    """Projected, centred bank (or None), its squared norms (or None), and the start distances.
+
+    Rows from `n_real` on are padding (a bank sharded in whole blocks, `sharding.greedy_coreset`): they
+    are left out of the mean and carry a min-distance of -inf. One device runs this under `_prepare`,
+    a mesh inside its own jitted loop: the same preparation in both.
+    """
     acc = _acc_dtype(bank.dtype)
+    padded = n_real is not None and n_real < bank.shape[0]
+    real = jnp.arange(bank.shape[0]) < n_real if padded else None
     if projection is None:
         psi, norms, stored = None, None, bank
     else:
-        mean = jnp.mean(bank, axis=0, dtype=acc)
+        if padded:
+            mean = jnp.sum(jnp.where(real[:, None], bank, 0.0), axis=0, dtype=acc) / n_real
+        else:
+            mean = jnp.mean(bank, axis=0, dtype=acc)
         # Centring after the (linear) projection: the N x D bank is never copied.
         psi = jnp.dot(bank, projection, precision=_HIGHEST) - jnp.dot(mean, projection, precision=_HIGHEST)
         psi = psi.astype(store_dtype)
@@ -69,25 +90,48 @@ def _prepare(bank, projection, starts, *, store_dtype):
     sq = jax.vmap(lambda s: _sq_dist_to(stored, norms, s))(starts)  # (S, N)
     # DECISION: as the published sampler, start from the mean distance to the start points.
     min_dist = jnp.mean(jnp.sqrt(jnp.maximum(sq, 0.0)), axis=0)
+    if padded:
+        # DECISION: padding rows carry -inf, so they are never selected.
+        min_dist = jnp.where(real, min_dist, -jnp.inf)
     return psi, norms, min_dist
 
 
-def _select_step(t, state, stored, norms):
-    """Algorithm 1's loop body: take the farthest row, then fold its distances into the minimum."""
+_prepare = jax.jit(prepare, static_argnames=("store_dtype", "n_real"))
+
+
+def _farthest(min_dist, stored):
+    """On one device: the row with the largest min-distance, as `_select_step` wants it."""
+    i = jnp.argmax(min_dist)
+    return i, i, stored[i].astype(_acc_dtype(stored.dtype)), True
+
+
+def _select_step(t, state, stored, norms, farthest=_farthest):
+    """Algorithm 1's loop body: take the farthest row, then fold its distances into the minimum.
+
+    `farthest(min_dist, stored) -> (local index, global index, row, held here)` finds the row; a mesh
+    passes one that agrees across shards (`sharding.greedy_coreset`), and the rest is this function.
+    """
     min_dist, selected = state
     # DECISION: argmax takes the lowest index among ties; chosen rows carry -1 so they are never
     # taken again (the argmax runs over M - M_C) and indices stay distinct on repeated rows.
-    i = jnp.argmax(min_dist)
-    sq = _sq_dist_to(stored, norms, i)
+    local, chosen, row, held_here = farthest(min_dist, stored)
+    sq = _sq_dist_to_row(stored, norms, row)
     # DECISION: clamp before the square root; cancellation can leave tiny negatives.
     min_dist = jnp.minimum(min_dist, jnp.sqrt(jnp.maximum(sq, 0.0)))
-    return min_dist.at[i].set(-1.0), selected.at[t].set(i.astype(selected.dtype))
+    min_dist = min_dist.at[local].set(jnp.where(held_here, -1.0, min_dist[local]))
+    return min_dist, selected.at[t].set(chosen.astype(selected.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnums=(0, 1))
 def _run_steps(min_dist, selected, first, stored, norms, *, num_steps):
     body = functools.partial(_select_step, stored=stored, norms=norms)
     return jax.lax.fori_loop(first, first + num_steps, body, (min_dist, selected))
+
+
+def _to_device(host: np.ndarray) -> jax.Array:
+    """An explicit host-to-device transfer of a small host value (start rows, a step count), so the
+    loop passes no host data to a compiled function implicitly (`jax.transfer_guard` allows it)."""
+    return jax.device_put(host)
 
 
 # -- the lazy blocked loop ------------------------------------------------------------------------
@@ -214,26 +258,26 @@ def greedy_coreset(
     store_dtype = jnp.dtype(bank.dtype if store_dtype is None else store_dtype)
     if projection is None and store_dtype != bank.dtype:
         raise ValueError("store_dtype: only applies to a projected bank; pass a projection or leave it None")
-    psi, norms, min_dist = _prepare(bank, projection, jnp.asarray(starts), store_dtype=store_dtype)
+    psi, norms, min_dist = _prepare(bank, projection, _to_device(np.asarray(starts, np.int32)), store_dtype=store_dtype)
     if method not in ("lazy", "dense"):
         raise ValueError(f"method: expected 'lazy' or 'dense', got {method!r}")
     block = _checks.check_int("block", block, low=1)
     if num_samples == 0:
-        return jnp.zeros((0,), jnp.int32)
+        return _to_device(np.zeros((0,), np.int32))
     if method == "lazy" and psi is not None:
         rows, row_norms, state = _lazy_prepare(psi, norms, min_dist, num_samples=num_samples, block=min(block, psi.shape[0]))
 
         def run(state, done, steps):
-            return _lazy_run(state, done, rows, row_norms, num_steps=steps)
+            return _lazy_run(state, _to_device(np.int32(done)), rows, row_norms, num_steps=steps)
 
         def result(state):
             return state["selected"]
     else:
         stored = bank if psi is None else psi
-        state = (min_dist, jnp.zeros((num_samples,), jnp.int32))
+        state = (min_dist, _to_device(np.zeros((num_samples,), np.int32)))
 
         def run(state, done, steps):
-            return _run_steps(*state, done, stored, norms, num_steps=steps)
+            return _run_steps(*state, _to_device(np.int32(done)), stored, norms, num_steps=steps)
 
         def result(state):
             return state[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.ndimage
 
-from reference import _checks
+from patchcore_jax import _checks
 
 
 def _binary(name: str, x) -> np.ndarray:
@@ -40,6 +40,8 @@ def image_auroc(labels, scores) -> float:
       labels: `(N,)` 1/True for anomalous, 0/False for good; both classes must occur.
       scores: `(N,)` finite anomaly scores, higher meaning more anomalous.
     """
+    # The metrics run on the host: device arrays come over once, here, and are checked there.
+    labels, scores = np.asarray(labels), np.asarray(scores)
     (n,) = _checks.check_array("labels", labels, ndim=1, finite=False)
     (m,) = _checks.check_array("scores", scores, ndim=1)
     if n != m:
@@ -52,6 +54,7 @@ def image_auroc(labels, scores) -> float:
 
 
 def _check_masks_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    masks, maps = np.asarray(masks), np.asarray(maps)  # host data from here on (see image_auroc)
     ms = _checks.check_array("masks", masks, ndim=None, finite=False)
     ps = _checks.check_array("maps", maps, ndim=None)
     if len(ms) != 3:

@@ -142,19 +142,19 @@ class PatchCore(Detector):
         size = self.config.batch_size
         outs = []
         for start in range(0, b, size):
-            chunk = crops[start : start + size]
+            chunk = _rows(crops, start, min(start + size, b))
             n = chunk.shape[0]
             if self.mesh is not None:
                 from patchcore_jax import sharding
 
                 host = jax.device_get(chunk) if isinstance(chunk, jax.Array) else np.asarray(chunk)
-                outs.append(sharding.embed_data_parallel(self._embed_fn, self._state, _pad_host(host, size), self.mesh)[:n])
+                outs.append(_rows(sharding.embed_data_parallel(self._embed_fn, self._state, _pad_host(host, size), self.mesh), 0, n))
                 continue
             if isinstance(chunk, jax.Array):
                 padded = _pad_device(chunk, size) if n < size else chunk
             else:
                 padded = jax.device_put(_pad_host(np.asarray(chunk), size))
-            outs.append(self._embed_fn(self._state, padded)[:n] if n < size else self._embed_fn(self._state, padded))
+            outs.append(_rows(self._embed_fn(self._state, padded), 0, n))
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
     def _check_crops(self, crops) -> int:
@@ -239,7 +239,7 @@ class PatchCore(Detector):
         starts = tuple(rng.choice(n, size=min(cfg.num_starts, n), replace=False).tolist())
         projection = None
         if cfg.projection_dim:
-            projection = coreset.random_projection(jax.random.key(cfg.seed), bank.shape[1], cfg.projection_dim)
+            projection = coreset.random_projection(cfg.seed, bank.shape[1], cfg.projection_dim)
         with tqdm(total=num, desc="greedy coreset", unit="step", disable=not self.progress, leave=False) as bar:
             def advance(done, bar=bar):
                 bar.update(done - bar.n)
@@ -305,6 +305,16 @@ class PatchCore(Detector):
         from patchcore_jax import persistence
 
         return persistence.load_model(path, progress=progress, mesh=mesh)
+
+
+def _rows(x, start: int, stop: int):
+    """`x[start:stop]` along the first axis; for a device array a static slice (an indexing with
+    Python ints would move the indices to the device implicitly)."""
+    if start == 0 and stop == x.shape[0]:
+        return x
+    if isinstance(x, jax.Array):
+        return jax.lax.slice_in_dim(x, start, stop, axis=0)
+    return x[start:stop]
 
 
 def _pad_host(x: np.ndarray, size: int) -> np.ndarray:

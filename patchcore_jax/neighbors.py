@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference import _checks
+from patchcore_jax import _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -47,16 +47,31 @@ def build_index(bank: jax.Array, *, block: int = 2048) -> BankIndex:
     return _build_index(jnp.asarray(bank), block=min(block, n))
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
-def _build_index(bank, *, block):
+def prepare_index(bank, *, block, n_real=None) -> BankIndex:
+    """The `BankIndex` of `bank`: centred, padded to whole blocks, squared norms cached.
+
+    Rows from `n_real` on are padding the caller added (a mesh's whole shards,
+    `sharding.build_index`): they are left out of the centre and never rank. One device runs this
+    under `_build_index`, a mesh under its own jit: the same index in both.
+    """
     bank = bank if jnp.issubdtype(bank.dtype, jnp.floating) else bank.astype(jnp.float32)
-    n = bank.shape[0]
-    centre = jnp.mean(bank, axis=0)
-    n_pad = -(-n // block) * block
-    rows = jnp.pad(bank - centre, ((0, n_pad - n), (0, 0)))
+    n_rows = bank.shape[0]
+    n = n_rows if n_real is None else n_real
+    if n < n_rows:
+        real = (jnp.arange(n_rows) < n)[:, None]
+        centre = jnp.sum(jnp.where(real, bank, 0.0), axis=0) / n
+        rows = jnp.where(real, bank - centre, 0.0)
+    else:
+        centre = jnp.mean(bank, axis=0)
+        rows = bank - centre
+    n_pad = -(-n_rows // block) * block
+    rows = jnp.pad(rows, ((0, n_pad - n_rows), (0, 0)))
     sq = jnp.sum(jnp.square(rows), axis=1)
     sq = jnp.where(jnp.arange(n_pad) < n, sq, jnp.inf)
     return BankIndex(rows=rows, sq_norms=sq, centre=centre, size=n, block=block)
+
+
+_build_index = jax.jit(prepare_index, static_argnames=("block", "n_real"))
 
 
 def _merge_topk(best_d, best_i, new_d, new_i, k):
@@ -109,21 +124,26 @@ def _search_block(queries, index: BankIndex, k_out: int):
     return dist[:, :k_out], idx[:, :k_out]
 
 
-@functools.partial(jax.jit, static_argnames=("k", "query_block"))
-def _search(index: BankIndex, queries, *, k, query_block):
+def query_blocks(index: BankIndex, queries, query_block: int):
+    """`(Q, D)` queries -> `(Q_pad / query_block, query_block, D)`, centred like the bank, zero-padded."""
     q = queries.shape[0]
     queries = queries.astype(index.rows.dtype) - index.centre
     q_pad = -(-q // query_block) * query_block
-    blocks = jnp.pad(queries, ((0, q_pad - q), (0, 0))).reshape(q_pad // query_block, query_block, -1)
+    return jnp.pad(queries, ((0, q_pad - q), (0, 0))).reshape(q_pad // query_block, query_block, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "query_block"))
+def _search(index: BankIndex, queries, *, k, query_block):
+    q = queries.shape[0]
+    blocks = query_blocks(index, queries, query_block)
     dist, idx = jax.lax.map(lambda qb: _search_block(qb, index, k), blocks)
+    q_pad = blocks.shape[0] * query_block
     return dist.reshape(q_pad, k)[:q], idx.reshape(q_pad, k)[:q]
 
 
 def search(index: BankIndex, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> tuple[jax.Array, jax.Array]:
     """Exact k nearest rows of a prepared bank; shapes and meaning as `nearest_neighbors`."""
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != index.rows.shape[1]:
-        raise ValueError(f"queries: expected shape (Q, {index.rows.shape[1]}) to match the bank, got {tuple(queries.shape)}")
+    _checks.check_width("queries", queries, "Q", index.rows.shape[1], "the bank")
     k = _checks.check_int("k", k, low=1, high=index.size)
     query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])
     return _search(index, jnp.asarray(queries), k=k, query_block=query_block)
@@ -138,11 +158,7 @@ def nearest_neighbors(bank: jax.Array, queries: jax.Array, k: int = 1) -> tuple[
       distances `(Q, k)`, Euclidean (not squared), ascending; indices `(Q, k)` int32, ties to the
       lower bank index. For repeated searches of one bank, `build_index` once and call `search`.
     """
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != d:
-        raise ValueError(f"queries: expected shape (Q, {d}) to match bank (N, {d}), got {tuple(queries.shape)}")
-    _checks.check_int("k", k, low=1, high=n)
+    _checks.check_search_args(bank, queries, k)
     return search(build_index(bank), queries, k)
 
 
@@ -173,11 +189,7 @@ def approximate_nearest_neighbors(
     Shapes as `nearest_neighbors`; distances of the returned rows are exact. Memory is
     `query_block x N` per step.
     """
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != d:
-        raise ValueError(f"queries: expected shape (Q, {d}) to match bank (N, {d}), got {tuple(queries.shape)}")
-    k = _checks.check_int("k", k, low=1, high=n)
+    _, k = _checks.check_search_args(bank, queries, k)
     if not 0.0 < recall_target <= 1.0:
         raise ValueError(f"recall_target: expected a value in (0, 1], got {recall_target}")
     query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from patchcore_jax import neighbors
-from reference import _checks
+from patchcore_jax import _checks
 
 
 def _reweighted(m_test, s_star, m_star, hood_idx, rows, num_neighbors):
@@ -58,9 +58,7 @@ def image_scores_from_index(
     index: neighbors.BankIndex, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = 256
 ) -> tuple[jax.Array, jax.Array]:
     """`image_scores` on a bank prepared once with `neighbors.build_index` (the model's path)."""
-    b, p, d = _checks.check_array("patch_features", patch_features, ndim=3)
-    if d != index.rows.shape[1]:
-        raise ValueError(f"patch_features: expected shape (B, P, {index.rows.shape[1]}) to match the bank, got {(b, p, d)}")
+    b, p, _ = _checks.check_width("patch_features", patch_features, "B, P", index.rows.shape[1], "the bank")
     num_neighbors = _checks.check_int("num_neighbors", num_neighbors, low=1, high=index.size)
     query_block = min(_checks.check_int("query_block", query_block, low=1), b * p)
     return _image_scores(index, jnp.asarray(patch_features), num_neighbors=num_neighbors, query_block=query_block)
@@ -76,9 +74,5 @@ def image_scores(bank: jax.Array, patch_features: jax.Array, *, num_neighbors: i
     Returns:
       image scores `(B,)`; patch scores `(B, P)`, each patch's distance to its nearest bank row.
     """
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    b, p, dp = _checks.check_array("patch_features", patch_features, ndim=3)
-    if dp != d:
-        raise ValueError(f"patch_features: expected shape (B, P, {d}) to match bank (N, {d}), got {(b, p, dp)}")
-    _checks.check_int("num_neighbors", num_neighbors, low=1, high=n)
+    _checks.check_scores_args(bank, patch_features, num_neighbors)
     return image_scores_from_index(neighbors.build_index(bank), patch_features, num_neighbors=num_neighbors)

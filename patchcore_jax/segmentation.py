@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from patchcore_jax import _linear_maps
-from reference import _checks
+from patchcore_jax import _checks
 
 
 @functools.partial(jax.jit, static_argnames=("out_size", "sigma"))

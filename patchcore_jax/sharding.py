@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from patchcore_jax import coreset as coreset_lib
 from patchcore_jax import neighbors, scoring
-from reference import _checks
+from patchcore_jax import _checks
 
 AXIS = "rows"
 
@@ -56,61 +56,42 @@ def shard_rows(array, mesh: Mesh, *, pad_to: int | None = None) -> jax.Array:
 
 
 # -- coreset ------------------------------------------------------------------------------------------
+def _farthest_over_shards(min_l, stored_l):
+    """`coreset._select_step`'s `farthest` on a shard: the global farthest row, found collectively.
+
+    Shards are ordered by rows, so the first maximum over shards, then within the shard, is the lowest
+    global index among ties (as on one device). The chosen row reaches every shard by a sum.
+    """
+    i_loc = jnp.argmax(min_l)
+    values = jax.lax.all_gather(min_l[i_loc], AXIS)
+    owner = jnp.argmax(values)
+    offset = jax.lax.axis_index(AXIS) * min_l.shape[0]
+    chosen = jax.lax.all_gather(i_loc + offset, AXIS)[owner]
+    mine = jax.lax.axis_index(AXIS) == owner
+    row = jax.lax.psum(jnp.where(mine, stored_l[i_loc].astype(coreset_lib._acc_dtype(stored_l.dtype)), 0.0), AXIS)
+    return i_loc, chosen, row, mine
+
+
 def _sharded_steps(stored, norms, min_dist, *, num_samples, mesh):
-    """The whole greedy loop under shard_map: every device holds `rows / devices` rows."""
+    """The whole greedy loop under shard_map: every device holds `rows / devices` rows and runs the
+    single-device step (`coreset._select_step`) on them, with a collective choice of the row."""
     has_norms = norms is not None
 
     def body(stored_l, norms_l, min_l):
-        local_n = stored_l.shape[0]
-        offset = jax.lax.axis_index(AXIS) * local_n
-        acc = coreset_lib._acc_dtype(stored_l.dtype)
-
-        def step(t, state):
-            min_l, selected = state
-            i_loc = jnp.argmax(min_l)
-            # Global argmax: shards are ordered by rows, so the first maximum over shards, then within
-            # the shard, is the lowest global index among ties (as on one device).
-            values = jax.lax.all_gather(min_l[i_loc], AXIS)
-            owner = jnp.argmax(values)
-            g = jax.lax.all_gather(i_loc + offset, AXIS)[owner]
-            mine = jax.lax.axis_index(AXIS) == owner
-            row = jax.lax.psum(jnp.where(mine, stored_l[i_loc].astype(acc), 0.0), AXIS)
-            if has_norms:
-                dots = jnp.dot(stored_l, row.astype(stored_l.dtype), precision=jax.lax.Precision.HIGHEST,
-                               preferred_element_type=acc)
-                sq = norms_l - 2.0 * dots + jnp.sum(jnp.square(row))
-            else:
-                sq = jnp.sum(jnp.square(stored_l.astype(acc) - row), axis=-1)
-            min_l = jnp.minimum(min_l, jnp.sqrt(jnp.maximum(sq, 0.0)))
-            min_l = jnp.where(mine, min_l.at[i_loc].set(-1.0), min_l)
-            return min_l, selected.at[t].set(g.astype(selected.dtype))
-
+        step = functools.partial(coreset_lib._select_step, stored=stored_l, norms=norms_l,
+                                 farthest=_farthest_over_shards)
         selected = jnp.zeros((num_samples,), jnp.int32)
         _, selected = jax.lax.fori_loop(0, num_samples, step, (min_l, selected))
         return selected
 
     specs = (P(AXIS), P(AXIS) if has_norms else None, P(AXIS))
-    return jax.shard_map(
-        lambda s, n, m: body(s, n, m), mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False,
-    )(stored, norms, min_dist)
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(stored, norms, min_dist)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples", "mesh", "n_real", "store_dtype"))
 def _sharded_coreset(bank, projection, starts, *, num_samples, mesh, n_real, store_dtype):
-    acc = coreset_lib._acc_dtype(bank.dtype)
-    real = jnp.arange(bank.shape[0]) < n_real
-    if projection is None:
-        stored, norms = bank, None
-    else:
-        mean = jnp.sum(jnp.where(real[:, None], bank, 0.0), axis=0, dtype=acc) / n_real
-        stored = (jnp.dot(bank, projection, precision=jax.lax.Precision.HIGHEST)
-                  - jnp.dot(mean, projection, precision=jax.lax.Precision.HIGHEST)).astype(store_dtype)
-        stored = jax.lax.with_sharding_constraint(stored, row_sharding(mesh))
-        norms = jnp.sum(jnp.square(stored.astype(acc)), axis=1)
-    sq = jax.vmap(lambda s: coreset_lib._sq_dist_to(stored, norms, s))(starts)
-    min_dist = jnp.mean(jnp.sqrt(jnp.maximum(sq, 0.0)), axis=0)
-    # DECISION: padding rows carry -inf, so they are never selected.
-    min_dist = jnp.where(real, min_dist, -jnp.inf)
+    psi, norms, min_dist = coreset_lib.prepare(bank, projection, starts, store_dtype=store_dtype, n_real=n_real)
+    stored = bank if psi is None else jax.lax.with_sharding_constraint(psi, row_sharding(mesh))
     return _sharded_steps(stored, norms, min_dist, num_samples=num_samples, mesh=mesh)
 
 
@@ -146,22 +127,15 @@ def build_index(bank, mesh: Mesh | None = None, *, block: int = 2048) -> neighbo
 
 @functools.partial(jax.jit, static_argnames=("mesh", "n_real", "block"))
 def _build_sharded(bank, *, mesh, n_real, block):
-    bank = bank if jnp.issubdtype(bank.dtype, jnp.floating) else bank.astype(jnp.float32)
-    real = jnp.arange(bank.shape[0]) < n_real
-    centre = jnp.sum(jnp.where(real[:, None], bank, 0.0), axis=0) / n_real
-    rows = jnp.where(real[:, None], bank - centre, 0.0)
-    rows = jax.lax.with_sharding_constraint(rows, row_sharding(mesh))
-    sq = jnp.where(real, jnp.sum(jnp.square(rows), axis=1), jnp.inf)
-    return neighbors.BankIndex(rows=rows, sq_norms=sq, centre=centre, size=n_real, block=block)
+    index = neighbors.prepare_index(bank, block=block, n_real=n_real)
+    return index.replace(rows=jax.lax.with_sharding_constraint(index.rows, row_sharding(mesh)))
 
 
 def _sharded_search(index: neighbors.BankIndex, queries, k, *, mesh, query_block=256):
     """Exact k nearest rows: a local search per shard, then a merge by (distance, global index)."""
-    queries = queries.astype(index.rows.dtype) - index.centre
     q = queries.shape[0]
-    qb = min(query_block, q)
-    q_pad = -(-q // qb) * qb
-    blocks = jnp.pad(queries, ((0, q_pad - q), (0, 0))).reshape(q_pad // qb, qb, -1)
+    blocks = neighbors.query_blocks(index, queries, min(query_block, q))
+    q_pad = blocks.shape[0] * blocks.shape[1]
     local_len = index.rows.shape[0] // mesh.size
     k_local = min(k, local_len)
 
@@ -190,9 +164,7 @@ def nearest_neighbors(bank, queries, k: int = 1, *, mesh: Mesh | None = None):
     """`neighbors.nearest_neighbors` over a row-sharded bank (or a sharded `BankIndex`)."""
     mesh = mesh or make_mesh()
     index = bank if isinstance(bank, neighbors.BankIndex) else build_index(bank, mesh)
-    _, dq = _checks.check_array("queries", queries, ndim=2)
-    if dq != index.rows.shape[1]:
-        raise ValueError(f"queries: expected shape (Q, {index.rows.shape[1]}) to match the bank, got {tuple(queries.shape)}")
+    _checks.check_width("queries", queries, "Q", index.rows.shape[1], "the bank")
     k = _checks.check_int("k", k, low=1, high=index.size)
     return _search_jit(index, _host_or_device(queries), k=k, mesh=mesh)
 
@@ -207,9 +179,7 @@ def image_scores(index_or_bank, patch_features, *, num_neighbors: int = 9, mesh:
     """`scoring.image_scores` over a row-sharded bank; same values as on one device."""
     mesh = mesh or make_mesh()
     index = index_or_bank if isinstance(index_or_bank, neighbors.BankIndex) else build_index(index_or_bank, mesh)
-    b, p, d = _checks.check_array("patch_features", patch_features, ndim=3)
-    if d != index.rows.shape[1]:
-        raise ValueError(f"patch_features: expected shape (B, P, {index.rows.shape[1]}) to match the bank, got {(b, p, d)}")
+    _checks.check_width("patch_features", patch_features, "B, P", index.rows.shape[1], "the bank")
     num_neighbors = _checks.check_int("num_neighbors", num_neighbors, low=1, high=index.size)
     return _scores_jit(index, _host_or_device(patch_features), num_neighbors=num_neighbors, mesh=mesh)
 

@@ -1,32 +1,22 @@
-"""Argument checks shared by both backends (NumPy only, so the reference stays free of JAX).
+"""Argument checks of the reference, for arrays of any array-API namespace.
 
-Every public function of `reference` and `patchcore_jax` validates its inputs with these helpers and
-raises `ValueError` naming the argument and what was expected. The helpers accept anything with
-`.shape` and `.dtype` (NumPy arrays, JAX arrays, JAX tracers); value checks (finiteness, ranges) run
-only on concrete arrays, since a traced value has none to check.
+Every public function of `reference` validates its inputs here and raises `ValueError` naming the
+argument and what was expected; `patchcore_jax` owns its own checks with the same messages (a test
+holds the two to that). Shapes and dtypes are read from any array; values (finiteness) are checked
+only where they can be read eagerly (SciPy's `check_finite = not is_lazy_array(obs)`), so a JAX array
+is checked for shape and dtype only.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Sequence
 
 import numpy as np
+from array_api_compat import is_array_api_obj, is_lazy_array
 
-
-def is_concrete(x: Any) -> bool:
-    """True when `x` holds values (not an abstract tracer)."""
-    try:
-        np.asarray(x)
-    except Exception:  # a JAX tracer refuses conversion
-        return False
-    return True
-
-
-def shape_of(name: str, x: Any) -> tuple[int, ...]:
-    if not hasattr(x, "shape"):
-        x = np.asarray(x)
-    return tuple(int(s) for s in x.shape)
+from reference import _array_api
 
 
 def check_array(
@@ -39,30 +29,28 @@ def check_array(
     numeric: bool = True,
 ) -> tuple[int, ...]:
     """Checks rank, emptiness, dtype kind and finiteness of `x`; returns its shape."""
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        x = np.asarray(x)
+    (x,) = _array_api.as_arrays(x)
     shape = tuple(int(s) for s in x.shape)
     if ndim is not None and len(shape) != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {shape}")
     if nonempty and any(s == 0 for s in shape):
         raise ValueError(f"{name}: expected a non-empty array, got shape {shape}")
-    kind = np.dtype(x.dtype).kind if _is_numpy_dtype(x.dtype) else "f"
-    if numeric and kind not in "fiub":
+    xp = _array_api.namespace(x)
+    if numeric and not _isdtype(xp, x.dtype, ("real floating", "integral", "bool")):
         raise ValueError(f"{name}: expected a real numeric array, got dtype {x.dtype}")
-    if finite and kind == "f" and is_concrete(x):
-        values = np.asarray(x)
-        if not np.isfinite(values).all():
-            bad = int(np.size(values) - np.isfinite(values).sum())
+    if finite and _isdtype(xp, x.dtype, "real floating") and not is_lazy_array(x):
+        ok = xp.isfinite(x)
+        if not bool(xp.all(ok)):
+            bad = int(xp.sum(xp.astype(xp.logical_not(ok), _array_api.index_dtype(xp, _array_api.device(x)))))
             raise ValueError(f"{name}: expected finite values, found {bad} NaN or infinite entries")
     return shape
 
 
-def _is_numpy_dtype(dtype: Any) -> bool:
+def _isdtype(xp: Any, dtype: Any, kind: Any) -> bool:
     try:
-        np.dtype(dtype)
-    except TypeError:
+        return bool(xp.isdtype(dtype, kind))
+    except (TypeError, ValueError):  # strings, objects, dates: no kind of the standard
         return False
-    return True
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
@@ -78,13 +66,15 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
 
 
 def check_positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
     return float(value)
 
 
-def check_indices(name: str, indices: Sequence[int], size: int) -> tuple[int, ...]:
-    """Checks a non-empty sequence of integer indices into an axis of length `size`."""
+def check_indices(name: str, indices: Any, size: int) -> tuple[int, ...]:
+    """Checks a non-empty sequence (or array) of integer indices into an axis of length `size`."""
+    if is_array_api_obj(indices):
+        indices = _array_api.to_numpy(indices)
     values = tuple(np.asarray(indices).reshape(-1).tolist())
     if not values:
         raise ValueError(f"{name}: expected at least one index, got none")
@@ -125,8 +115,26 @@ def check_out_size(out_size: Any) -> tuple[int, int]:
     return (check_int("out_size[0]", h, low=1), check_int("out_size[1]", w, low=1))
 
 
+def check_search_args(bank: Any, queries: Any, k: Any) -> tuple[int, int]:
+    """The checks of `nearest_neighbors`; returns `(N, k)`."""
+    n, d = check_array("bank", bank, ndim=2)
+    q, dq = check_array("queries", queries, ndim=2)
+    if dq != d:
+        raise ValueError(f"queries: expected shape (Q, {d}) to match bank (N, {d}), got {(q, dq)}")
+    return n, check_int("k", k, low=1, high=n)
+
+
+def check_scores_args(bank: Any, patch_features: Any, num_neighbors: Any) -> tuple[int, int, int, int]:
+    """The checks of `image_scores`; returns `(B, P, D, num_neighbors)`."""
+    n, d = check_array("bank", bank, ndim=2)
+    b, p, dp = check_array("patch_features", patch_features, ndim=3)
+    if dp != d:
+        raise ValueError(f"patch_features: expected shape (B, P, {d}) to match bank (N, {d}), got {(b, p, dp)}")
+    return b, p, d, check_int("num_neighbors", num_neighbors, low=1, high=n)
+
+
 def check_coreset_args(bank: Any, num_samples: Any, projection: Any, start_indices: Any) -> tuple[int, int, tuple[int, ...]]:
-    """The shared checks of `greedy_coreset`; returns `(N, num_samples, start_indices)`."""
+    """The checks of `greedy_coreset`; returns `(N, num_samples, start_indices)`."""
     n, d = check_array("bank", bank, ndim=2)
     num_samples = check_int("num_samples", num_samples, low=0, high=n)
     starts = check_indices("start_indices", start_indices, n)

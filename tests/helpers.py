@@ -7,6 +7,8 @@ rounding that grows with the magnitude of the values, so the bound is relative t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -49,3 +51,70 @@ def both_ways(fn, *args, static=(), **kwargs):
     yield "plain", fn(*args, **kwargs)
     jitted = jax.jit(lambda *a: fn(*a, **kwargs))
     yield "jit", jitted(*args)
+
+
+# -- the reference in other array namespaces -------------------------------------------------------
+def namespace_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@contextlib.contextmanager
+def in_namespace(name: str):
+    """Yields a function that moves host arrays into namespace `name` (JAX under x64, so that the
+    reference computes in float64 there too)."""
+    if name == "numpy":
+        yield np.asarray
+    elif name == "array_api_strict":
+        import array_api_strict
+
+        yield array_api_strict.asarray
+    elif name == "jax":
+        import jax.numpy as jnp
+
+        with x64():
+            yield jnp.asarray
+    elif name == "torch":
+        import torch
+
+        yield torch.asarray
+    else:
+        raise ValueError(f"unknown namespace {name!r}")
+
+
+def to_host(tree):
+    """NumPy copies of the arrays in a result (tuples kept, Python scalars as they are)."""
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(to_host(t) for t in tree)
+    return tree if isinstance(tree, (int, float)) else np.asarray(tree)
+
+
+def to_namespace(tree, convert):
+    """The NumPy arrays in `tree` (tuples and lists kept) moved by `convert`."""
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(to_namespace(t, convert) for t in tree)
+    return convert(tree) if isinstance(tree, np.ndarray) else tree
+
+
+# The namespace the agreement tests run the reference in: NumPy by default; REFERENCE_NAMESPACE=jax
+# runs the oracle on JAX arrays (float64 under x64), as it would run beside the product on a GPU or TPU.
+REFERENCE_NAMESPACE = os.environ.get("REFERENCE_NAMESPACE", "numpy")
+
+
+class _Oracle:
+    """`oracle.f(*args)`: `reference.f` run on the arguments' NumPy arrays moved to
+    REFERENCE_NAMESPACE; its results come back as NumPy arrays."""
+
+    def __getattr__(self, name):
+        import reference
+
+        fn = getattr(reference, name)
+
+        def call(*args, **kwargs):
+            with in_namespace(REFERENCE_NAMESPACE) as convert:
+                args, kwargs = to_namespace(args, convert), {k: to_namespace(v, convert) for k, v in kwargs.items()}
+                return to_host(fn(*args, **kwargs))
+
+        return call
+
+
+oracle = _Oracle()

@@ -6,7 +6,7 @@ from hypothesis.extra import numpy as hnp
 import patchcore_jax
 import reference
 from patchcore_jax import coreset
-from tests.helpers import both_ways, gaussian, x64
+from tests.helpers import both_ways, gaussian, oracle, x64
 
 
 def radius_after_each_step(bank, indices, projection=None):
@@ -48,7 +48,7 @@ def _inputs(case):
 @given(coreset_cases())
 def test_indices_equal_reference_under_x64(case):
     bank, proj = _inputs(case)
-    expected = reference.greedy_coreset(bank, case["num_samples"], projection=proj, start_indices=case["starts"])
+    expected = oracle.greedy_coreset(bank, case["num_samples"], projection=proj, start_indices=case["starts"])
     with x64():
         for how, got in both_ways(
             patchcore_jax.greedy_coreset, bank, num_samples=case["num_samples"], projection=proj, start_indices=case["starts"],
@@ -60,7 +60,7 @@ def test_indices_equal_reference_under_x64(case):
 @given(coreset_cases())
 def test_float32_covering_radius_tracks_reference(case):
     bank, proj = _inputs(case)
-    expected = reference.greedy_coreset(bank, case["num_samples"], projection=proj, start_indices=case["starts"])
+    expected = oracle.greedy_coreset(bank, case["num_samples"], projection=proj, start_indices=case["starts"])
     want = radius_after_each_step(bank, expected, proj)
     proj32 = None if proj is None else proj.astype(np.float32)
     for how, got in both_ways(

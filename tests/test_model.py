@@ -189,3 +189,24 @@ def test_config_validation(changes, match):
         PatchCoreConfig(**changes)
     assert hash(PatchCoreConfig()) == hash(PatchCoreConfig())
     assert PatchCoreConfig.from_dict(json.loads(PatchCoreConfig().to_json())) == PatchCoreConfig()
+
+
+def test_fit_and_predict_on_device_arrays_make_no_implicit_transfer(data):
+    """The device stages run under `jax.transfer_guard("disallow")`: nothing is pulled to the host to be
+    checked, and every move between host and device is an explicit one. Same results as host input."""
+    import jax
+
+    host = small_model()
+    crops = np.stack([host.prepare(x) for x in data["train"]])
+    test = np.stack([host.prepare(x) for x in data["test"]])
+    want_s, want_m = host.fit_crops([crops[:5], crops[5:]]).score_crops(test)
+    device = small_model()
+    batches, test_d = [jax.device_put(crops[:5]), jax.device_put(crops[5:])], jax.device_put(test)
+    images_d = jax.device_put(data["test"])
+    with jax.transfer_guard("disallow"):
+        device.fit_crops(batches)
+        got_s, got_m = device.score_crops(test_d)
+        via_images, _ = device.predict(images_d)  # raw device images: one explicit device_get, then the host stage
+    np.testing.assert_array_equal(got_s, want_s)
+    np.testing.assert_array_equal(got_m, want_m)
+    np.testing.assert_array_equal(via_images, want_s)

@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 
 import patchcore_jax
 import reference
-from tests.helpers import assert_close, both_ways, gaussian, x64
+from tests.helpers import assert_close, both_ways, gaussian, oracle, x64
 
 
 @st.composite
@@ -29,7 +29,7 @@ def _inputs(c):
 @given(scoring_cases())
 def test_matches_reference_float32(c):
     bank, feats = _inputs(c)
-    want_s, want_p = reference.image_scores(bank, feats, num_neighbors=c["num_neighbors"])
+    want_s, want_p = oracle.image_scores(bank, feats, num_neighbors=c["num_neighbors"])
     for how, (got_s, got_p) in both_ways(
         patchcore_jax.image_scores, bank.astype(np.float32), feats.astype(np.float32), num_neighbors=c["num_neighbors"]
     ):
@@ -40,7 +40,7 @@ def test_matches_reference_float32(c):
 @given(scoring_cases())
 def test_matches_reference_float64(c):
     bank, feats = _inputs(c)
-    want_s, want_p = reference.image_scores(bank, feats, num_neighbors=c["num_neighbors"])
+    want_s, want_p = oracle.image_scores(bank, feats, num_neighbors=c["num_neighbors"])
     with x64():
         got_s, got_p = patchcore_jax.image_scores(bank, feats, num_neighbors=c["num_neighbors"])
         assert_close(got_p, want_p, np.float64)
