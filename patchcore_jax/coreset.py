@@ -57,12 +57,18 @@ def _sq_dist_to_row(stored, norms, row):
     if norms is None:
         return jnp.sum(jnp.square(stored.astype(acc) - row), axis=-1)
     dots = jnp.dot(stored, row.astype(stored.dtype), precision=_HIGHEST, preferred_element_type=acc)
-    return norms - 2.0 * dots + jnp.sum(jnp.square(row))
+    # DECISION: (||a||^2 + ||b||^2) - 2 a.b, added in that order: the same rounding from either end, so
+    # d(a, b) == d(b, a) exactly and exact ties (two start points' mean distances) stay ties.
+    return (norms + jnp.sum(jnp.square(row))) - 2.0 * dots
 
 
 def _sq_dist_to(stored, norms, row_index):
     """Squared distances of every stored row to row `row_index`."""
-    return _sq_dist_to_row(stored, norms, stored[row_index].astype(_acc_dtype(stored.dtype)))
+    sq = _sq_dist_to_row(stored, norms, stored[row_index].astype(_acc_dtype(stored.dtype)))
+    # DECISION: a row's distance to itself is exactly 0. The norm expansion leaves rounding there, and
+    # its square root (~1e-8 in float64) would break the exact tie between two start points' mean
+    # distances (each is 0 to itself) the wrong way.
+    return sq.at[row_index].set(0.0)
 
 
 def prepare(bank, projection, starts, *, store_dtype, n_real=None):
@@ -177,7 +183,7 @@ def _absorb_pending(state, b, t, rows, row_norms):
         centres = jax.lax.dynamic_slice_in_dim(state["centres"], start, _LAZY_CHUNK)
         centre_norms = jax.lax.dynamic_slice_in_dim(state["centre_norms"], start, _LAZY_CHUNK)
         dots = jnp.dot(block_rows, centres.T, precision=_HIGHEST, preferred_element_type=acc)
-        sq = block_norms[:, None] - 2.0 * dots + centre_norms[None, :]
+        sq = (block_norms[:, None] + centre_norms[None, :]) - 2.0 * dots  # as _sq_dist_to_row
         d = jnp.sqrt(jnp.maximum(sq, 0.0))  # DECISION: clamp before the square root
         d = jnp.where((start + jnp.arange(_LAZY_CHUNK) < t)[None, :], d, jnp.inf)
         return jnp.minimum(dist, jnp.min(d, axis=1))
