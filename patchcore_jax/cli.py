@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "memory bank and settings inside): input uint8 crops (B, crop, crop, 3) prepared "
                                    "as the model prepares images, outputs image scores (B,) and anomaly maps (B, "
                                    "crop, crop). It is checked against the model before it is written.")
-    p.add_argument("model", help="model folder written by fit")
+    p.add_argument("model", metavar="MODEL", help="model folder written by fit")
     p.add_argument("--format", required=True, choices=("stablehlo", "onnx"),
                    help="stablehlo (jax.export; runs with JAX alone on CPU, GPU, TPU) or onnx (needs "
                         "pip install 'patchcore-jax[export]')")

@@ -115,7 +115,20 @@ def check_destination(path) -> str:
         raise ValueError(f"{where}: its folder {display(parent)} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{where}: its folder {display(parent)} is not writable")
+    if _is_model_folder(parent):
+        raise ValueError(f"{where}: is inside the model folder {display(parent)}, which holds only the model's own "
+                         "files; write the export elsewhere")
     return absolute
+
+
+def _is_model_folder(folder: str) -> bool:
+    from patchcore_jax import persistence
+
+    try:
+        with open(os.path.join(folder, persistence.MANIFEST), "rb") as f:
+            return json.loads(f.read(1 << 20)).get("format") == persistence.FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def missing_onnx_packages() -> list[str]:

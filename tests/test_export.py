@@ -207,7 +207,9 @@ def test_export_checks_its_arguments_and_never_overwrites(fitted, tmp_path):
         (dict(path=mine, format="stablehlo"), "mine.onnx: exists; refusing to overwrite it"),
         (dict(path=tmp_path / "missing" / "a", format="stablehlo"), "missing does not exist"),
         (dict(path=str(tmp_path) + "/", format="stablehlo"), "expected a file name"),
+        (dict(path=tmp_path / "model" / "a.onnx", format="stablehlo"), "is inside the model folder"),
     ]
+    model.save(tmp_path / "model")
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             model.export(kwargs.pop("path"), **kwargs)
@@ -217,7 +219,10 @@ def test_export_checks_its_arguments_and_never_overwrites(fitted, tmp_path):
         export.export_model(unfitted, tmp_path / "b", format="stablehlo")
     with pytest.raises(ValueError, match="mine.onnx: exists"):
         export._write_new(str(mine), b"new")  # the name taken between the check and the link
-    assert mine.read_text() == "my file" and sorted(os.listdir(tmp_path)) == ["mine.onnx"]
+    assert mine.read_text() == "my file" and sorted(os.listdir(tmp_path)) == ["mine.onnx", "model"]
+    # The model folder is left as it was: nothing was written into it.
+    assert sorted(os.listdir(tmp_path / "model")) == ["backbone.safetensors", "bank.safetensors", "config.json",
+                                                       "manifest.json"]
 
 
 def test_a_program_that_disagrees_with_the_model_is_not_written(fitted, tmp_path, monkeypatch):
