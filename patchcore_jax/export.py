@@ -368,15 +368,22 @@ def _onnx_program(model, batch, block_rows):
             proto = jax2onnx.to_onnx(fn, [spec], model_name="patchcore", opset=ONNX_OPSET,
                                      input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
     except Exception as err:
-        raise ExportError(f"jax2onnx {_version('jax2onnx')} could not convert the model: {type(err).__name__}: {err}") from err
+        raise ExportError(f"jax2onnx {_version('jax2onnx')} could not convert the model: "
+                          f"{type(err).__name__}: {err}") from err
     _drop_unused_initializers(proto)
     return proto, {"opset": ONNX_OPSET, "converter": f"jax2onnx {_version('jax2onnx')}"}
 
 
 def _drop_unused_initializers(proto) -> None:
     """Initializers no node reads (the converter leaves a few), which ONNX Runtime warns about."""
-    used = {name for node in proto.graph.node for name in node.input}
-    used |= {o.name for o in proto.graph.output}
+    def inputs(graph):
+        for node in graph.node:
+            yield from node.input
+            for attr in node.attribute:  # subgraphs may read the outer graph's initializers
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from inputs(sub)
+
+    used = set(inputs(proto.graph)) | {o.name for o in proto.graph.output}
     keep = [init for init in proto.graph.initializer if init.name in used]
     if len(keep) != len(proto.graph.initializer):
         del proto.graph.initializer[:]
@@ -392,12 +399,12 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def _onnx_session(data: bytes):
+def _onnx_session(data: bytes, providers=None):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(data, options, providers=onnxruntime.get_available_providers())
+    return onnxruntime.InferenceSession(data, options, providers=providers or onnxruntime.get_available_providers())
 
 
 # The float32 row of the project's agreement table (tests/helpers.py): |a - e| <= ATOL * max(1, max|e|)
@@ -463,7 +470,8 @@ def export_model(model, path, *, format: str, batch: int | None = None, block_ro
         graph = proto.graph.SerializeToString(deterministic=True)
         meta.update(extra, graph_sha256=_sha256(graph))
         if verify:
-            session = _onnx_session(proto.SerializeToString())
+            # On the CPU: a GPU provider may compute in TF32, which says nothing about the program.
+            session = _onnx_session(proto.SerializeToString(), ["CPUExecutionProvider"])
             meta["verification"] = _agreement(model, lambda x: session.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), batch)
         meta = _seal(meta)
         entry = proto.metadata_props.add()
@@ -520,7 +528,8 @@ class ExportedModel:
         self.crop = shape[1]
 
     def __repr__(self) -> str:
-        return f"ExportedModel({display(self.path)!r}, program={self.program!r}, input={self.metadata['input']['shape']})"
+        shape = self.metadata["input"]["shape"]
+        return f"ExportedModel({display(self.path)!r}, program={self.program!r}, input={shape})"
 
     def __call__(self, crops) -> tuple[np.ndarray, np.ndarray]:
         """uint8 crops `(B, crop, crop, 3)` -> image scores `(B,)`, anomaly maps `(B, crop, crop)`, float32."""

@@ -127,7 +127,8 @@ def test_onnx_in_onnxruntime_equals_score_crops(fitted, onnx_file):
     # The README's lines: onnxruntime alone.
     session = ort.InferenceSession(str(path))
     assert_agrees(session.run(None, {"crops": crops}), expected, "onnxruntime")
-    assert_agrees(session.run(None, {"crops": crops[:1]}), (expected[0][:1], expected[1][:1]), "onnxruntime, batch of 1")
+    first = (expected[0][:1], expected[1][:1])
+    assert_agrees(session.run(None, {"crops": crops[:1]}), first, "onnxruntime, batch of 1")
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     (inp,) = proto.graph.input
@@ -267,7 +268,8 @@ def test_cli_export_end_to_end_and_its_refusals(fitted, tmp_path, monkeypatch, c
     (tmp_path / "not-a-model" / "notes.txt").write_text("mine")
     cases = [
         (["--format", "stablehlo", "--out", str(out)], "fixed.stablehlo: exists; refusing to overwrite it"),
-        (["--format", "stablehlo", "--out", str(tmp_path / "new"), "--batch", "0"], "--batch 0: expected an integer >= 1"),
+        (["--format", "stablehlo", "--out", str(tmp_path / "new"), "--batch", "0"],
+         "--batch 0: expected an integer >= 1"),
         (["--format", "tflite", "--out", str(tmp_path / "new")], "invalid choice: 'tflite'"),
         (["--format", "onnx", "--out", str(tmp_path / "nowhere" / "m.onnx")], "nowhere does not exist"),
     ]
