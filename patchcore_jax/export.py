@@ -489,10 +489,10 @@ def _write_new(path: str, data: bytes) -> None:
     parent, base = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, to what a new file would have
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         try:
             os.link(tmp, path)
