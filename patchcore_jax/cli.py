@@ -402,6 +402,36 @@ def cmd_convert_weights(args) -> int:
     return 0
 
 
+# -- export ---------------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from patchcore_jax import export
+    from patchcore_jax.persistence import load
+
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: expected an integer >= 1")
+    try:
+        export.check_destination(args.out)
+    except ValueError as err:
+        raise UsageError(f"--out {err}") from None
+    missing = export.missing_onnx_packages() if args.format == "onnx" else []
+    if missing:
+        raise UsageError(f"--format onnx: needs {', '.join(missing)}; pip install 'patchcore-jax[export]'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        model = load(args.model, progress=not args.quiet)
+    if hasattr(model, "members"):
+        raise UsageError(f"{args.model}: an ensemble of {len(model.members)} members; export writes one model's program "
+                         "(ensembles are not exported)")
+    meta = model.export(args.out, format=args.format, batch=args.batch)
+    b, c = meta["input"]["shape"][0], model.config.crop
+    check = meta["verification"]
+    _say(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): {args.format} program, input crops uint8 "
+         f"({b}, {c}, {c}, 3), outputs scores ({b},) and maps ({b}, {c}, {c}); equal to the model's on "
+         f"{check['crops']} test crops to {check['scores_max_rel_diff']:.1e} (scores) and "
+         f"{check['maps_max_rel_diff']:.1e} (maps), max. rel. diff")
+    return 0
+
+
 # -- the parser -----------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors as one line (exit status 2) that point at --help."""
@@ -482,6 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="torchvision/timm .pth state dict")
     p.add_argument("output", help="destination .safetensors (must not exist)")
     p.set_defaults(func=cmd_convert_weights)
+
+    p = sub.add_parser("export", parents=[common], help="write a fitted model as one StableHLO or ONNX program",
+                       description="Writes the model folder MODEL as one self-contained program (backbone weights, "
+                                   "memory bank and settings inside): input uint8 crops (B, crop, crop, 3) prepared "
+                                   "as the model prepares images, outputs image scores (B,) and anomaly maps (B, "
+                                   "crop, crop). It is checked against the model before it is written.")
+    p.add_argument("model", metavar="MODEL", help="model folder written by fit")
+    p.add_argument("--format", required=True, choices=("stablehlo", "onnx"),
+                   help="stablehlo (jax.export; runs with JAX alone on CPU, GPU, TPU) or onnx (needs "
+                        "pip install 'patchcore-jax[export]')")
+    p.add_argument("--out", required=True, help="the file to write (must not exist)")
+    p.add_argument("--batch", type=int, help="fix the batch size (default: any batch)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -299,6 +299,15 @@ class PatchCore(Detector):
 
         persistence.save_model(self, path)
 
+    def export(self, path: str | os.PathLike, *, format: str = "stablehlo", batch: int | None = None) -> dict:
+        """Writes the fitted model as one self-contained program to the new file `path`: "stablehlo"
+        (`jax.export`) or "onnx" (needs the `export` extra). Input uint8 crops `(B, crop, crop, 3)` as
+        `prepare` gives them; outputs `score_crops`'s scores and maps. `batch`: None for any batch, or a
+        fixed size. Returns the metadata written with it; see `patchcore_jax.export`."""
+        from patchcore_jax import export as export_lib
+
+        return export_lib.export_model(self, path, format=format, batch=batch)
+
     @classmethod
     def load(cls, path: str | os.PathLike, *, progress: bool = True, mesh=None) -> "PatchCore":
         """Reads a model folder written by `save`; `persistence.ModelFileError` names what is wrong."""

@@ -94,7 +94,7 @@ def test_convert_weights_round_trip(tmp_path):
 def test_help_texts():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("demo", "fit", "predict", "convert-weights", "evaluate"):
+    for cmd in ("demo", "fit", "predict", "convert-weights", "evaluate", "export"):
         assert cmd in r.stdout
 
 
