@@ -1,10 +1,25 @@
 """Exact and approximate nearest-neighbour search in the memory bank, tiled for bounded memory.
 
 The exact search walks the bank in blocks for each block of queries (`lax.map` over query blocks,
-`lax.scan` over bank blocks), keeping a running top-k, so memory is `query_block x bank_block` whatever
-the bank's size. The bank is prepared once (`BankIndex`: centred, padded, squared norms cached) and
-reused across calls. Ranking uses `||q||^2 - 2 q.b + ||b||^2` on centred rows; the distances returned
-are recomputed as `||q - b||` for the chosen rows, so float32 cancellation does not reach the scores.
+`lax.scan` over bank blocks), keeping a running top list, so memory is `query_block x bank_block`
+whatever the bank's size. The bank is prepared once (`BankIndex`: centred, scaled by a power of two,
+padded, squared norms cached) and reused across calls.
+
+Why the result is exact, not merely usually right:
+- Ranking uses `||b||^2 - 2 q.b` (the query's own norm is a constant per query), which float32 gets
+  wrong by at most `gamma * (||q|| + max ||b||)^2` with `gamma = (D + 2) * eps / 2` (the worst-case
+  bound of a D-term dot product). The search keeps `k + 3` candidates, recomputes their distances as
+  `||q - b||` and certifies per query that no row outside the candidates can come within the error
+  bound of the k-th distance. A query block whose certificate fails (near-duplicate rows, a query
+  equidistant from many rows) is searched again by exact differences over the whole bank. Ties go to
+  the lower bank index either way.
+- Magnitudes: the centred bank is scaled by a power of two so its largest entry lies in [0.5, 1), and
+  each query by a further power of two when it lies far outside the bank. Scaling by a power of two
+  is exact, so features around 1e19 (whose squares overflow float32) or 1e-25 (whose squares
+  underflow) are searched as exactly as features around 1; distances are scaled back at the end.
+  Only a result that itself overflows float32 (a distance above ~3.4e38, or inputs whose difference
+  from the bank mean does) comes back as inf or NaN; callers on the host can refuse it there, with
+  no transfer on the hot path.
 """
 
 from __future__ import annotations
@@ -26,11 +41,14 @@ class BankIndex:
     """A memory bank prepared for repeated exact search.
 
     Attributes:
-      rows: `(N_pad, D)` bank rows minus `centre`, zero-padded to a whole number of blocks.
+      rows: `(N_pad, D)` bank rows minus `centre`, times `2**log2_scale`, zero-padded to a whole number
+        of blocks.
       sq_norms: `(N_pad,)` squared norms of `rows`; `+inf` on padding, so padding never ranks.
-      centre: `(D,)` the bank mean (distances are translation-invariant).
+      centre: `(D,)` the bank mean (distances are translation-invariant), in the bank's units.
       size: N, the number of real rows.
       block: rows per bank block of the search.
+      log2_scale: int32 scalar; the power of two that brings the centred rows' largest entry into
+        [0.5, 1) (exact, so squares neither overflow nor underflow). 0 means unscaled rows.
     """
 
     rows: jax.Array
@@ -38,25 +56,62 @@ class BankIndex:
     centre: jax.Array
     size: int = flax.struct.field(pytree_node=False)
     block: int = flax.struct.field(pytree_node=False)
+    log2_scale: jax.Array | int = 0
 
 
 def build_index(bank: jax.Array, *, block: int = 2048) -> BankIndex:
-    """Prepares `bank` `(N, D)` for `search`: centred, padded to blocks, squared norms cached."""
+    """Prepares `bank` `(N, D)` for `search`: centred, scaled, padded to blocks, squared norms cached."""
     n, _ = _checks.check_array("bank", bank, ndim=2)
     block = _checks.check_int("block", block, low=1)
-    return _build_index(jnp.asarray(bank), block=min(block, n))
+    index = _build_index(jnp.asarray(bank), block=min(block, n))
+    _check_representable(index.sq_norms[:n])
+    return index
+
+
+def _check_representable(sq_norms) -> None:
+    """Refuses a bank whose rows lie so far from their mean that the difference overflows. Runs once,
+    when the index is built (one scalar comes to the host), never on the search path."""
+    if isinstance(sq_norms, jax.core.Tracer):  # traced (under jit): nothing concrete to check
+        return
+    if not np.isfinite(float(jnp.max(sq_norms))):
+        raise ValueError("bank: rows differ from their mean by more than the largest float32 (overflow); "
+                         "rescale the features or pass float64 with jax_enable_x64")
+
+
+def _exponent(x):
+    """`e` with `x = m * 2**e`, `m` in [0.5, 1) (0 for x = 0): the binary exponent, exactly."""
+    return jnp.frexp(x)[1]
+
+
+def _scale(x, e):
+    """`x * 2**e` exactly for integer `e` (broadcast), in two steps so that `2**e` itself need not be
+    representable (|e| up to ~250 covers every float32 ratio)."""
+    half = e // 2
+    one = jnp.ones((), x.dtype)
+    return x * jnp.ldexp(one, half) * jnp.ldexp(one, e - half)
+
+
+def _centre_and_scale(bank, real=None):
+    """The bank mean (computed on a power-of-two-scaled copy, so the sum cannot overflow) and the
+    exponent that brings the centred rows' largest entry into [0.5, 1). `real`: a row mask or None."""
+    n = bank.shape[0] if real is None else jnp.sum(real)
+    masked = bank if real is None else jnp.where(real[:, None], bank, 0.0)
+    e0 = -_exponent(jnp.max(jnp.abs(masked)))
+    centre = _scale(jnp.sum(_scale(masked, e0), axis=0) / n, -e0)
+    centred = masked - centre if real is None else jnp.where(real[:, None], bank - centre, 0.0)
+    return centre, -_exponent(jnp.max(jnp.abs(centred))).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
 def _build_index(bank, *, block):
     bank = bank if jnp.issubdtype(bank.dtype, jnp.floating) else bank.astype(jnp.float32)
     n = bank.shape[0]
-    centre = jnp.mean(bank, axis=0)
+    centre, log2_scale = _centre_and_scale(bank)
     n_pad = -(-n // block) * block
-    rows = jnp.pad(bank - centre, ((0, n_pad - n), (0, 0)))
+    rows = jnp.pad(_scale(bank - centre, log2_scale), ((0, n_pad - n), (0, 0)))
     sq = jnp.sum(jnp.square(rows), axis=1)
     sq = jnp.where(jnp.arange(n_pad) < n, sq, jnp.inf)
-    return BankIndex(rows=rows, sq_norms=sq, centre=centre, size=n, block=block)
+    return BankIndex(rows=rows, sq_norms=sq, centre=centre, size=n, block=block, log2_scale=log2_scale)
 
 
 def _merge_topk(best_d, best_i, new_d, new_i, k):
@@ -68,17 +123,78 @@ def _merge_topk(best_d, best_i, new_d, new_i, k):
     return -neg, jnp.take_along_axis(i, pos, axis=1)
 
 
-# Candidates kept beyond k for the exact re-ranking, so float32 ranking noise between near-equal
-# distances at the k-th place does not drop the row that exact arithmetic would keep.
-_RERANK_MARGIN = 4
+# Candidates kept beyond k for the exact re-ranking. The certificate below decides whether they were
+# enough; three make a failed certificate (and the slow exact pass) rare on real banks.
+_RERANK_MARGIN = 3
+_RANK_SCALE_FLOOR = -126  # the ranking's per-query weight 2**-g stays a normal float32
+
+
+# -- the pieces every exact search shares (the brute-force and the clustered index) ---------------
+def _scaled_queries(centred, log2_scale):
+    """Centred queries (bank units) -> `(q, g)`: `q = centred * 2**(log2_scale - g)` with its largest
+    entry below 2, where `g >= 0` is the extra per-query exponent of a query far outside the bank."""
+    e_q = _exponent(jnp.max(jnp.abs(centred), axis=1))
+    g = jnp.maximum(e_q + log2_scale - 1, 0).astype(jnp.int32)
+    return _scale(centred, (log2_scale - g)[:, None]), g
+
+
+def _rank_weight(g, dtype):
+    return jnp.ldexp(jnp.ones((), dtype), jnp.maximum(-g, _RANK_SCALE_FLOOR))
+
+
+def _rank_keys(q, w, rows, norms):
+    """`(||b||^2 * 2**-g - 2 q.b)`: the squared distance up to a per-query constant and scale."""
+    return norms[None, :] * w[:, None] - 2.0 * jnp.dot(q, rows.T, precision=_HIGHEST)
+
+
+def _exact_sq(q, g, cand_rows):
+    """`||q - b * 2**-g||^2` for candidates `(qb, c, D)`: differences, so no cancellation."""
+    return jnp.sum(jnp.square(q[:, None, :] - _scale(cand_rows, -g[:, None, None])), axis=-1)
+
+
+def _certified(q, w, keys_last, dk_sq, max_sq_norm):
+    """True where no row outside the candidates can be nearer than the k-th candidate.
+
+    Every key carries an error below `gamma * M` with `M = (||q|| + w max||b||)^2`, which also bounds
+    every squared distance and key in play; a row outside the candidates has a key of at least
+    `keys_last`, so its squared distance is at least `||q||^2 + w * keys_last - 2 gamma M`. A margin of
+    8 gamma M covers that and the rounding of the exact distances and of this test.
+    """
+    d = q.shape[1]
+    gamma = (d + 2) * jnp.finfo(q.dtype).eps / 2
+    q_sq = jnp.sum(jnp.square(q), axis=1)
+    m = jnp.square(jnp.sqrt(q_sq) + w * jnp.sqrt(max_sq_norm))
+    return dk_sq + 8.0 * gamma * m < q_sq + w * keys_last
+
+
+def _unscale_distances(sq, g, log2_scale):
+    """Per-query squared distances in scaled units -> distances in the bank's units."""
+    return _scale(jnp.sqrt(sq), g[:, None] - log2_scale)
+
+
+def _exact_pass(q, g, rows, valid, ids, k, block):
+    """The fallback: exact squared distances by differences to every row (query by query, bank
+    block by bank block), then the k smallest; `valid` masks padding. `ids` must ascend, so the
+    stable top-k sends ties to the lower id."""
+    n_blocks = rows.shape[0] // block
+    blocks = rows.reshape(n_blocks, block, -1)
+
+    def one_query(args):
+        qi, gi = args
+        sq = jax.lax.map(lambda b_rows: jnp.sum(jnp.square(qi[None, :] - _scale(b_rows, -gi)), axis=1), blocks)
+        neg, pos = jax.lax.top_k(-jnp.where(valid, sq.reshape(-1), jnp.inf), k)
+        return -neg, ids[pos]
+
+    return jax.lax.map(one_query, (q, g))
 
 
 def _search_block(queries, index: BankIndex, k_out: int):
-    """`(qb, D)` centred queries -> k nearest rows by the norm expansion, then exact distances."""
-    # DECISION: k = 1 takes the plain argmin (the fast path for patch scores); k > 1 re-ranks a few
-    # extra candidates by exact distance.
-    k = 1 if k_out == 1 else min(k_out + _RERANK_MARGIN, index.size)
-    q_sq = jnp.sum(jnp.square(queries), axis=1)
+    """`(qb, D)` queries minus `index.centre` -> the k nearest rows: `(distances (qb, k_out) in the
+    bank's units, indices)`. Ranks by the norm expansion, re-ranks `k_out + 3` candidates by exact
+    distance and certifies them; an uncertified block takes the exact pass."""
+    k = min(k_out + _RERANK_MARGIN, index.size)
+    q, g = _scaled_queries(queries, index.log2_scale)
+    w = _rank_weight(g, q.dtype)
     n_blocks = index.rows.shape[0] // index.block
     rows = index.rows.reshape(n_blocks, index.block, -1)
     norms = index.sq_norms.reshape(n_blocks, index.block)
@@ -86,27 +202,42 @@ def _search_block(queries, index: BankIndex, k_out: int):
     def scan_body(carry, inputs):
         best_d, best_i = carry
         b_rows, b_norms, offset = inputs
-        sq = q_sq[:, None] + b_norms[None, :] - 2.0 * jnp.dot(queries, b_rows.T, precision=_HIGHEST)
-        if k == 1:
-            # DECISION: argmin keeps the lowest index among ties, like the stable top-k.
-            j = jnp.argmin(sq, axis=1).astype(jnp.int32)
-            new_d, new_i = jnp.take_along_axis(sq, j[:, None], 1), (j + offset)[:, None]
-            take = new_d < best_d  # strict: an equal distance keeps the earlier (lower) index
-            return (jnp.where(take, new_d, best_d), jnp.where(take, new_i, best_i)), None
-        new_neg, new_pos = jax.lax.top_k(-sq, min(k, index.block))
+        keys = _rank_keys(q, w, b_rows, b_norms)
+        new_neg, new_pos = jax.lax.top_k(-keys, min(k, index.block))
         return _merge_topk(best_d, best_i, -new_neg, new_pos.astype(jnp.int32) + offset, k), None
 
-    init = (jnp.full((queries.shape[0], k), jnp.inf, q_sq.dtype),
-            jnp.full((queries.shape[0], k), -1, jnp.int32))
+    init = (jnp.full((q.shape[0], k), jnp.inf, q.dtype), jnp.full((q.shape[0], k), -1, jnp.int32))
     offsets = jnp.arange(n_blocks, dtype=jnp.int32) * index.block
-    (_, idx), _ = jax.lax.scan(scan_body, init, (rows, norms, offsets))
-    # Exact distances of the chosen rows, then a final ordering by them (ties: lower index first).
-    dist = jnp.sqrt(jnp.sum(jnp.square(index.rows[idx] - queries[:, None, :]), axis=-1))
+    (keys, idx), _ = jax.lax.scan(scan_body, init, (rows, norms, offsets))
     # Padding rows (infinite norm) and unfilled slots (-1) only surface when a shard of a sharded bank
     # holds fewer real rows than k; they sort last.
-    dist = jnp.where((idx < 0) | jnp.isinf(index.sq_norms[idx]), jnp.inf, dist)
-    dist, idx = jax.lax.sort((dist, idx), dimension=1, num_keys=2)
-    return dist[:, :k_out], idx[:, :k_out]
+    pad = (idx < 0) | jnp.isinf(index.sq_norms[idx])
+    sq = jnp.where(pad, jnp.inf, _exact_sq(q, g, index.rows[jnp.maximum(idx, 0)]))
+    # DECISION: the final order is by exact distance, ties to the lower index.
+    sq, idx = jax.lax.sort((sq, idx), dimension=1, num_keys=2)
+    max_sq_norm = jnp.max(jnp.where(jnp.isinf(index.sq_norms), 0.0, index.sq_norms))
+    real_rows = jnp.sum(~jnp.isinf(index.sq_norms))
+    ok = (k >= real_rows) | _certified(q, w, keys[:, -1], sq[:, k_out - 1], max_sq_norm)
+
+    def exact(_):
+        valid = ~jnp.isinf(index.sq_norms)
+        return _exact_pass(q, g, index.rows, valid, jnp.arange(index.rows.shape[0], dtype=jnp.int32), k_out,
+                           index.block)
+
+    sq, idx = jax.lax.cond(jnp.all(ok), lambda _: (sq[:, :k_out], idx[:, :k_out]), exact, None)
+    return _unscale_distances(sq, g, index.log2_scale), idx
+
+
+def _bank_rows(index: BankIndex, idx):
+    """Bank rows `idx` in the bank's units, as stored (centred, scaled, then scaled back)."""
+    return _scale(index.rows[idx], -index.log2_scale) + index.centre
+
+
+def _distances_to(index: BankIndex, queries, idx):
+    """Exact distances, in the bank's units, from `(b, D)` queries minus `index.centre` to the rows
+    `idx` `(b, m)`: the same arithmetic as the search's, so values agree with it bit for bit."""
+    q, g = _scaled_queries(queries, index.log2_scale)
+    return _unscale_distances(_exact_sq(q, g, index.rows[idx]), g, index.log2_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "query_block"))
@@ -120,7 +251,12 @@ def _search(index: BankIndex, queries, *, k, query_block):
 
 
 def search(index: BankIndex, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> tuple[jax.Array, jax.Array]:
-    """Exact k nearest rows of a prepared bank; shapes and meaning as `nearest_neighbors`."""
+    """Exact k nearest rows of a prepared bank; shapes and meaning as `nearest_neighbors`.
+
+    A query whose difference from the bank mean overflows the dtype, or whose nearest distance does,
+    gets inf or NaN distances (never a finite wrong one); check `jnp.isfinite` on the host if such
+    inputs can occur. Nothing is checked on the device here, so nothing waits for a transfer.
+    """
     _, dq = _checks.check_array("queries", queries, ndim=2)
     if dq != index.rows.shape[1]:
         raise ValueError(f"queries: expected shape (Q, {index.rows.shape[1]}) to match the bank, got {tuple(queries.shape)}")

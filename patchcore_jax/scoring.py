@@ -11,18 +11,19 @@ from patchcore_jax import neighbors
 from reference import _checks
 
 
-def _reweighted(m_test, s_star, m_star, hood_idx, rows, num_neighbors):
-    """Eq. 7 for one image: `(1 - softmax(||m_test* - m||, m in N_b(m*))[m*]) * s*`.
-
-    `hood_idx` are the `b` rows nearest to `m*` as searched; `m*` is put first.
-    """
+def _neighbourhood(m_star, hood_idx, num_neighbors):
+    """N_b(m*) for one image: `m*` first, then the rows nearest to it as searched."""
     # DECISION: N_b(m*) is m* followed by the b - 1 rows nearest to it, even if the bank holds copies
     # of m* at lower indices; a stable sort on (not m*) keeps the search's order otherwise.
     cand = jnp.concatenate([m_star[None], hood_idx])
     is_dup = jnp.concatenate([jnp.array([False]), hood_idx == m_star])
     order = jnp.argsort(is_dup, stable=True)[:num_neighbors]
-    hood = cand[order]
-    dists = jnp.sqrt(jnp.sum(jnp.square(rows[hood] - m_test[None, :]), axis=1))
+    return cand[order]
+
+
+def _reweighted(dists, s_star):
+    """Eq. 7 for one image: `(1 - softmax(||m_test* - m||, m in N_b(m*))[m*]) * s*`, `dists` with
+    m* first. The softmax subtracts its maximum, so distances of any magnitude stay finite."""
     weight = 1.0 - jax.nn.softmax(dists)[0]
     return weight * s_star
 
@@ -41,9 +42,10 @@ def scores_from_search(index: neighbors.BankIndex, patch_features, search, *, nu
         return s_star, patch_scores
     m_star = jnp.take_along_axis(nearest, worst[:, None], 1)[:, 0]
     m_test = jnp.take_along_axis(patch_features, worst[:, None, None], 1)[:, 0].astype(index.rows.dtype) - index.centre
-    _, hood = search(index, index.rows[m_star] + index.centre, num_neighbors)
-    scores = jax.vmap(_reweighted, in_axes=(0, 0, 0, 0, None, None))(m_test, s_star, m_star, hood, index.rows, num_neighbors)
-    return scores, patch_scores
+    _, hood = search(index, neighbors._bank_rows(index, m_star), num_neighbors)
+    hood = jax.vmap(_neighbourhood, in_axes=(0, 0, None))(m_star, hood, num_neighbors)
+    dists = neighbors._distances_to(index, m_test, hood)
+    return jax.vmap(_reweighted)(dists, s_star), patch_scores
 
 
 @functools.partial(jax.jit, static_argnames=("num_neighbors", "query_block"))
