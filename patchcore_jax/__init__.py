@@ -2,6 +2,7 @@
 
 from patchcore_jax import metrics
 from patchcore_jax.aggregate import aggregate_patches
+from patchcore_jax.clustered import ClusteredIndex, build_clustered_index
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.coreset import greedy_coreset, random_projection
 from patchcore_jax.model import PatchCore
@@ -13,11 +14,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BankIndex",
+    "ClusteredIndex",
     "PatchCore",
     "PatchCoreConfig",
     "aggregate_patches",
     "anomaly_maps",
     "approximate_nearest_neighbors",
+    "build_clustered_index",
     "build_index",
     "greedy_coreset",
     "image_scores",

@@ -6,13 +6,14 @@ whatever the bank's size. The bank is prepared once (`BankIndex`: centred, scale
 padded, squared norms cached) and reused across calls.
 
 Why the result is exact, not merely usually right:
-- Ranking uses `||b||^2 - 2 q.b` (the query's own norm is a constant per query), which float32 gets
-  wrong by at most `gamma * (||q|| + max ||b||)^2` with `gamma = (D + 2) * eps / 2` (the worst-case
-  bound of a D-term dot product). The search keeps `k + 3` candidates, recomputes their distances as
-  `||q - b||` and certifies per query that no row outside the candidates can come within the error
-  bound of the k-th distance. A query block whose certificate fails (near-duplicate rows, a query
-  equidistant from many rows) is searched again by exact differences over the whole bank. Ties go to
-  the lower bank index either way.
+- Ranking uses `||b||^2 - 2 q.b` (the query's own norm is a constant per query), less its
+  worst-case float32 error `gamma (||b||^2 + 2 ||q|| ||b||)`, `gamma = (D + 4) eps / 2` (Higham's bound
+  for a D-term dot product): a lower bound of each row's key whatever the summation order of the
+  matrix product. The search keeps the `k + 3` rows with the smallest lower bounds, recomputes their
+  distances as `||q - b||` by differences, and certifies per query that the k-th of these lies below
+  every other row's lower bound (with room for its own rounding). A query whose certificate fails
+  (near-duplicate rows, a query equidistant from many rows) is searched again by exact differences
+  over the whole bank. Ties go to the lower bank index either way.
 - Magnitudes: the centred bank is scaled by a power of two so its largest entry lies in [0.5, 1), and
   each query by a further power of two when it lies far outside the bank. Scaling by a power of two
   is exact, so features around 1e19 (whose squares overflow float32) or 1e-25 (whose squares
@@ -147,24 +148,37 @@ def _rank_keys(q, w, rows, norms):
     return norms[None, :] * w[:, None] - 2.0 * jnp.dot(q, rows.T, precision=_HIGHEST)
 
 
+def _gamma(dim, dtype):
+    """The worst-case relative error of a `dim`-term dot product (Higham's gamma_n), with room for
+    the few roundings around it."""
+    return (dim + 4) * jnp.finfo(dtype).eps / 2
+
+
+def _rank_lower_bounds(q, w, rows, norms, q_norm, gamma):
+    """Lower bounds of `_rank_keys`: each key less its worst-case error `gamma (w ||b||^2 + 2 ||q|| ||b||)`
+    (doubled, which also covers the few roundings of forming it). Padding (infinite norm) stays inf."""
+    finite = jnp.isfinite(norms)
+    b_norm = jnp.sqrt(jnp.where(finite, norms, 0.0))
+    keys = (norms[None, :] * (w * (1.0 - 2.0 * gamma))[:, None] - 2.0 * jnp.dot(q, rows.T, precision=_HIGHEST)
+            - (4.0 * gamma * q_norm)[:, None] * b_norm[None, :])
+    return jnp.where(finite[None, :], keys, jnp.inf)
+
+
 def _exact_sq(q, g, cand_rows):
     """`||q - b * 2**-g||^2` for candidates `(qb, c, D)`: differences, so no cancellation."""
     return jnp.sum(jnp.square(q[:, None, :] - _scale(cand_rows, -g[:, None, None])), axis=-1)
 
 
-def _certified(q, w, keys_last, dk_sq, max_sq_norm):
+def _certified(q, w, lower_last, dk_sq, gamma):
     """True where no row outside the candidates can be nearer than the k-th candidate.
 
-    Every key carries an error below `gamma * M` with `M = (||q|| + w max||b||)^2`, which also bounds
-    every squared distance and key in play; a row outside the candidates has a key of at least
-    `keys_last`, so its squared distance is at least `||q||^2 + w * keys_last - 2 gamma M`. A margin of
-    8 gamma M covers that and the rounding of the exact distances and of this test.
+    A row outside the candidates has a key lower bound of at least `lower_last`, so its squared
+    distance (per-query units) is at least `||q||^2 + w * lower_last`; the k-th exact squared distance
+    must lie below that, with room for the rounding of both sides (`||q||^2` and the exact distance
+    carry at most `gamma` relative error each, doubled for the sums here).
     """
-    d = q.shape[1]
-    gamma = (d + 2) * jnp.finfo(q.dtype).eps / 2
     q_sq = jnp.sum(jnp.square(q), axis=1)
-    m = jnp.square(jnp.sqrt(q_sq) + w * jnp.sqrt(max_sq_norm))
-    return dk_sq + 8.0 * gamma * m < q_sq + w * keys_last
+    return dk_sq * (1.0 + 2.0 * gamma) < q_sq * (1.0 - 2.0 * gamma) + w * lower_last
 
 
 def _unscale_distances(sq, g, log2_scale):
@@ -173,28 +187,38 @@ def _unscale_distances(sq, g, log2_scale):
 
 
 def _exact_pass(q, g, rows, valid, ids, k, block):
-    """The fallback: exact squared distances by differences to every row (query by query, bank
-    block by bank block), then the k smallest; `valid` masks padding. `ids` must ascend, so the
-    stable top-k sends ties to the lower id."""
+    """The fallback for one query: exact squared distances by differences to every row (bank block
+    by bank block), then the k smallest; `valid` masks padding. `ids` must ascend, so the stable
+    top-k sends ties to the lower id."""
     n_blocks = rows.shape[0] // block
     blocks = rows.reshape(n_blocks, block, -1)
+    sq = jax.lax.map(lambda b_rows: jnp.sum(jnp.square(q[None, :] - _scale(b_rows, -g)), axis=1), blocks)
+    neg, pos = jax.lax.top_k(-jnp.where(valid, sq.reshape(-1), jnp.inf), k)
+    return -neg, ids[pos]
 
-    def one_query(args):
-        qi, gi = args
-        sq = jax.lax.map(lambda b_rows: jnp.sum(jnp.square(qi[None, :] - _scale(b_rows, -gi)), axis=1), blocks)
-        neg, pos = jax.lax.top_k(-jnp.where(valid, sq.reshape(-1), jnp.inf), k)
-        return -neg, ids[pos]
 
-    return jax.lax.map(one_query, (q, g))
+def _fix_uncertified(ok, sq, idx, one_query):
+    """Replaces the results of the queries not certified by `one_query(i) -> (sq (k,), idx (k,))`,
+    one query at a time (a while loop: certified queries cost nothing)."""
+    def body(state):
+        ok, sq, idx = state
+        i = jnp.argmin(ok)
+        s, j = one_query(i)
+        return ok.at[i].set(True), sq.at[i].set(s), idx.at[i].set(j)
+
+    _, sq, idx = jax.lax.while_loop(lambda s: ~jnp.all(s[0]), body, (ok, sq, idx))
+    return sq, idx
 
 
 def _search_block(queries, index: BankIndex, k_out: int):
     """`(qb, D)` queries minus `index.centre` -> the k nearest rows: `(distances (qb, k_out) in the
-    bank's units, indices)`. Ranks by the norm expansion, re-ranks `k_out + 3` candidates by exact
-    distance and certifies them; an uncertified block takes the exact pass."""
+    bank's units, indices)`. Ranks by lower bounds of the norm expansion, re-ranks `k_out + 3`
+    candidates by exact distance and certifies them; an uncertified query takes the exact pass."""
     k = min(k_out + _RERANK_MARGIN, index.size)
     q, g = _scaled_queries(queries, index.log2_scale)
     w = _rank_weight(g, q.dtype)
+    gamma = _gamma(q.shape[1], q.dtype)
+    q_norm = jnp.sqrt(jnp.sum(jnp.square(q), axis=1))
     n_blocks = index.rows.shape[0] // index.block
     rows = index.rows.reshape(n_blocks, index.block, -1)
     norms = index.sq_norms.reshape(n_blocks, index.block)
@@ -202,42 +226,54 @@ def _search_block(queries, index: BankIndex, k_out: int):
     def scan_body(carry, inputs):
         best_d, best_i = carry
         b_rows, b_norms, offset = inputs
-        keys = _rank_keys(q, w, b_rows, b_norms)
+        keys = _rank_lower_bounds(q, w, b_rows, b_norms, q_norm, gamma)
         new_neg, new_pos = jax.lax.top_k(-keys, min(k, index.block))
         return _merge_topk(best_d, best_i, -new_neg, new_pos.astype(jnp.int32) + offset, k), None
 
     init = (jnp.full((q.shape[0], k), jnp.inf, q.dtype), jnp.full((q.shape[0], k), -1, jnp.int32))
     offsets = jnp.arange(n_blocks, dtype=jnp.int32) * index.block
-    (keys, idx), _ = jax.lax.scan(scan_body, init, (rows, norms, offsets))
+    (lower, idx), _ = jax.lax.scan(scan_body, init, (rows, norms, offsets))
     # Padding rows (infinite norm) and unfilled slots (-1) only surface when a shard of a sharded bank
     # holds fewer real rows than k; they sort last.
-    pad = (idx < 0) | jnp.isinf(index.sq_norms[idx])
+    pad = (idx < 0) | jnp.isinf(index.sq_norms[jnp.maximum(idx, 0)])
     sq = jnp.where(pad, jnp.inf, _exact_sq(q, g, index.rows[jnp.maximum(idx, 0)]))
     # DECISION: the final order is by exact distance, ties to the lower index.
     sq, idx = jax.lax.sort((sq, idx), dimension=1, num_keys=2)
-    max_sq_norm = jnp.max(jnp.where(jnp.isinf(index.sq_norms), 0.0, index.sq_norms))
-    real_rows = jnp.sum(~jnp.isinf(index.sq_norms))
-    ok = (k >= real_rows) | _certified(q, w, keys[:, -1], sq[:, k_out - 1], max_sq_norm)
-
-    def exact(_):
-        valid = ~jnp.isinf(index.sq_norms)
-        return _exact_pass(q, g, index.rows, valid, jnp.arange(index.rows.shape[0], dtype=jnp.int32), k_out,
-                           index.block)
-
-    sq, idx = jax.lax.cond(jnp.all(ok), lambda _: (sq[:, :k_out], idx[:, :k_out]), exact, None)
+    sq, idx = sq[:, :k_out], idx[:, :k_out]
+    valid = ~jnp.isinf(index.sq_norms)
+    ok = (k >= jnp.sum(valid)) | _certified(q, w, lower[:, -1], sq[:, k_out - 1], gamma)
+    ids = jnp.arange(index.rows.shape[0], dtype=jnp.int32)
+    sq, idx = _fix_uncertified(
+        ok, sq, idx, lambda i: _exact_pass(q[i], g[i], index.rows, valid, ids, k_out, index.block))
+    idx = jnp.where(jnp.isinf(sq), -1, idx)
     return _unscale_distances(sq, g, index.log2_scale), idx
 
 
-def _bank_rows(index: BankIndex, idx):
+# -- the common entry points for any prepared index ----------------------------------------------
+# A prepared index is a `BankIndex` (brute force) or any index with the same duck-typed methods
+# (`clustered.ClusteredIndex`): `_search(queries, k=, query_block=)`, `_bank_rows(idx)` and
+# `_distances_to(centred_queries, idx)`, plus `centre`, `size` and `rows` (for dtype and width).
+def _bank_rows(index, idx):
     """Bank rows `idx` in the bank's units, as stored (centred, scaled, then scaled back)."""
+    if not isinstance(index, BankIndex):
+        return index._bank_rows(idx)
     return _scale(index.rows[idx], -index.log2_scale) + index.centre
 
 
-def _distances_to(index: BankIndex, queries, idx):
+def _distances_to(index, queries, idx):
     """Exact distances, in the bank's units, from `(b, D)` queries minus `index.centre` to the rows
     `idx` `(b, m)`: the same arithmetic as the search's, so values agree with it bit for bit."""
+    if not isinstance(index, BankIndex):
+        return index._distances_to(queries, idx)
     q, g = _scaled_queries(queries, index.log2_scale)
     return _unscale_distances(_exact_sq(q, g, index.rows[idx]), g, index.log2_scale)
+
+
+def _search_any(index, queries, *, k, query_block):
+    """Traceable exact search of any prepared index (`search` without the checks)."""
+    if isinstance(index, BankIndex):
+        return _search(index, queries, k=k, query_block=query_block)
+    return index._search(queries, k=k, query_block=query_block)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "query_block"))
@@ -250,8 +286,11 @@ def _search(index: BankIndex, queries, *, k, query_block):
     return dist.reshape(q_pad, k)[:q], idx.reshape(q_pad, k)[:q]
 
 
-def search(index: BankIndex, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> tuple[jax.Array, jax.Array]:
+def search(index, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> tuple[jax.Array, jax.Array]:
     """Exact k nearest rows of a prepared bank; shapes and meaning as `nearest_neighbors`.
+
+    `index`: a `BankIndex` (`build_index`, brute force) or a `clustered.ClusteredIndex`
+    (`build_clustered_index`, prunes); both give the same rows.
 
     A query whose difference from the bank mean overflows the dtype, or whose nearest distance does,
     gets inf or NaN distances (never a finite wrong one); check `jnp.isfinite` on the host if such
@@ -262,7 +301,7 @@ def search(index: BankIndex, queries: jax.Array, k: int = 1, *, query_block: int
         raise ValueError(f"queries: expected shape (Q, {index.rows.shape[1]}) to match the bank, got {tuple(queries.shape)}")
     k = _checks.check_int("k", k, low=1, high=index.size)
     query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])
-    return _search(index, jnp.asarray(queries), k=k, query_block=query_block)
+    return _search_any(index, jnp.asarray(queries), k=k, query_block=query_block)
 
 
 def nearest_neighbors(bank: jax.Array, queries: jax.Array, k: int = 1) -> tuple[jax.Array, jax.Array]:

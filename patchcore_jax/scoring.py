@@ -51,7 +51,7 @@ def scores_from_search(index: neighbors.BankIndex, patch_features, search, *, nu
 @functools.partial(jax.jit, static_argnames=("num_neighbors", "query_block"))
 def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, query_block):
     def search(idx, queries, k):
-        return neighbors._search(idx, queries, k=k, query_block=min(query_block, queries.shape[0]))
+        return neighbors._search_any(idx, queries, k=k, query_block=min(query_block, queries.shape[0]))
 
     return scores_from_search(index, patch_features, search, num_neighbors=num_neighbors)
 
@@ -59,7 +59,9 @@ def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, 
 def image_scores_from_index(
     index: neighbors.BankIndex, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = 256
 ) -> tuple[jax.Array, jax.Array]:
-    """`image_scores` on a bank prepared once with `neighbors.build_index` (the model's path)."""
+    """`image_scores` on a bank prepared once (the model's path): a `neighbors.BankIndex` from
+    `build_index` (brute force) or a `clustered.ClusteredIndex` from `build_clustered_index` (prunes;
+    the same scores)."""
     b, p, d = _checks.check_array("patch_features", patch_features, ndim=3)
     if d != index.rows.shape[1]:
         raise ValueError(f"patch_features: expected shape (B, P, {index.rows.shape[1]}) to match the bank, got {(b, p, d)}")
