@@ -232,7 +232,7 @@ def _visit(need, q_pad, w_pad, index, keys, slots, *, chunk):
 
     def body(state):
         t, keys, slots = state
-        leaf = jnp.searchsorted(ends, t, side="right")
+        leaf = jnp.sum(ends <= t, dtype=jnp.int32)  # the chunk's leaf: one vector compare, no search loop
         start = (t - (ends[leaf] - chunks[leaf])) * chunk
         qi = jax.lax.dynamic_slice_in_dim(lists[leaf], start, chunk)
         w = w_pad[qi]
