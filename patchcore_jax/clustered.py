@@ -43,6 +43,7 @@ from reference import _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NO_ID = np.iinfo(np.int32).max  # the id of padding slots: sorts after every real id
+_LEAF_MULTIPLE = 16
 FORMAT_VERSION = 1
 
 
@@ -57,7 +58,8 @@ class ClusteredIndex:
       ids: `(L * S,)` int32 bank index of each slot; `2**31 - 1` on padding.
       slots: `(N,)` int32 slot of each bank row (the inverse of `ids`).
       centroids: `(L, D)` leaf centroids, in `BankIndex.rows`'s units.
-      radii: `(L,)` upper bounds of the norms of each leaf's `rows`.
+      radii: `(L,)` upper bounds of the norms of each leaf's `rows`; -1 marks an empty leaf (the
+        count of leaves is padded to a multiple of 16).
       centre, log2_scale: as `BankIndex`.
       size: N; leaf_size: S.
     """
@@ -176,14 +178,17 @@ def build_clustered_index(bank, *, leaf_size: int = 64, iterations: int = 10, se
     # layout is then a pure function of the bank and the seed.
     leaves = [np.sort(m) for m in leaves]
     leaves.sort(key=lambda m: m[0])
-    num_leaves = len(leaves)
+    # Empty leaves pad the count to a multiple of 16, so that rebuilt indexes of similar banks share
+    # compiled searches; an empty leaf has radius -1 and is never visited.
+    num_leaves = -(-len(leaves) // _LEAF_MULTIPLE) * _LEAF_MULTIPLE
     ids = np.full(num_leaves * leaf_size, _NO_ID, np.int64)
     for j, m in enumerate(leaves):
         ids[j * leaf_size : j * leaf_size + len(m)] = m
     real = ids != _NO_ID
     slots = np.empty(n, np.int64)
     slots[ids[real]] = np.flatnonzero(real)
-    centroids = np.stack([x[m].astype(np.float64).mean(axis=0) for m in leaves]).astype(x.dtype)
+    centroids = np.zeros((num_leaves, d), x.dtype)
+    centroids[: len(leaves)] = np.stack([x[m].astype(np.float64).mean(axis=0) for m in leaves])
     # Local coordinates, rounded once in the stored dtype (the stored point is centroid + local row);
     # norms and radii of the stored local rows in float64, rounded up: true bounds.
     rows = np.zeros((num_leaves * leaf_size, d), x.dtype)
@@ -192,6 +197,7 @@ def build_clustered_index(bank, *, leaf_size: int = 64, iterations: int = 10, se
     sq64 = np.einsum("ij,ij->i", rows.astype(np.float64), rows.astype(np.float64))
     up = np.asarray(np.inf, x.dtype)
     radii = np.nextafter(np.sqrt(np.where(real, sq64, 0.0).reshape(num_leaves, leaf_size).max(axis=1)).astype(x.dtype), up)
+    radii[len(leaves):] = -1.0
     sq = np.where(real, np.nextafter(sq64.astype(x.dtype), up), np.inf).astype(x.dtype)
     return ClusteredIndex(rows=jnp.asarray(rows), sq_norms=jnp.asarray(sq), ids=jnp.asarray(ids, jnp.int32),
                           slots=jnp.asarray(slots, jnp.int32), centroids=jnp.asarray(centroids),
@@ -292,6 +298,9 @@ def _search_impl(index: ClusteredIndex, queries, *, k, chunk):
     c_err = 3.0 * gamma * jnp.square(jnp.sqrt(q_sq) + w * jnp.sqrt(jnp.max(c_norms)))
     c_sq = q_sq[:, None] + w[:, None] * neighbors._rank_keys(q, w, index.centroids, c_norms)
     lower = jnp.maximum(jnp.sqrt(jnp.maximum(c_sq - c_err[:, None], 0.0)) - w[:, None] * index.radii, 0.0)
+    real_leaf = index.radii >= 0  # empty (padding) leaves are never visited
+    lower = jnp.where(real_leaf[None, :], lower, jnp.inf)
+    c_sq = jnp.where(real_leaf[None, :], c_sq, jnp.inf)
 
     q_pad = jnp.concatenate([q, jnp.zeros((1, dim), dtype)])
     w_pad = jnp.concatenate([w, jnp.ones((1,), dtype)])
@@ -325,11 +334,12 @@ def _search_impl(index: ClusteredIndex, queries, *, k, chunk):
 
 
 def visited_fraction(index: ClusteredIndex, queries, k: int = 1) -> float:
-    """The mean fraction of leaves (so of bank rows, padding included) a search of `queries` reads
-    per query: a diagnostic for benchmarks, computed by the search itself."""
+    """The rows a search of `queries` reads per query (padding slots of the visited leaves included),
+    as a fraction of the bank's rows: the work relative to brute force. A diagnostic for benchmarks,
+    computed by the search itself."""
     return float(_visited(index, jnp.asarray(queries), k=k))
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _visited(index, queries, *, k):
-    return jnp.mean(_search_impl(index, queries, k=k, chunk=_CHUNK)[2]) / index.num_leaves
+    return jnp.mean(_search_impl(index, queries, k=k, chunk=_CHUNK)[2]) * index.leaf_size / index.size

@@ -70,7 +70,7 @@ def test_near_duplicates_and_extreme_magnitudes_stay_exact():
 
 
 def test_it_prunes_on_clustered_data():
-    """Not a timing: the fraction of leaves visited, which is what makes it fast."""
+    """Not a timing: the rows read per query against brute force's, which is what makes it fast."""
     bank = _mixture(0, 2000, 16, 20, 0.3).astype(np.float32)
     queries = _mixture(0, 2000, 16, 20, 0.3)[:200].astype(np.float32) + 0.01
     index = patchcore_jax.build_clustered_index(bank, leaf_size=32)
