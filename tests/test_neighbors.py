@@ -189,7 +189,9 @@ def test_a_bank_row_finds_itself_among_many_near_duplicates():
 def magnitude_cases(draw):
     return dict(
         seed=draw(st.integers(0, 2**16)),
-        bank_scale=draw(st.sampled_from([1e-30, 1e-20, 1.0, 1e19, 1e30])),
+        # Up to 1e36 and down to 1e-36 once the query ratio applies: inside float32's normal range, and
+        # distances below its largest value (beyond it they come back inf, tested below).
+        bank_scale=draw(st.sampled_from([1e-28, 1e-20, 1.0, 1e19, 1e28])),
         query_ratio=draw(st.sampled_from([1.0, 1e-8, 1e8])),  # queries near, inside or far outside
         offset=draw(st.sampled_from([0.0, 3.0])),               # in units of the bank's scale
         k=draw(st.sampled_from([1, 3])),
@@ -222,8 +224,9 @@ def test_any_magnitude_searches_exactly(c):
 
 @given(magnitude_cases())
 def test_any_magnitude_indices_equal_reference_under_x64(c):
-    # float64's own range: 1e-150 .. 1e150 square without leaving it (the reference squares directly).
-    scale = {1e-30: 1e-150, 1e-20: 1e-100, 1.0: 1.0, 1e19: 1e100, 1e30: 1e150}[c["bank_scale"]]
+    # float64's own range: with the query ratio, 1e-138 .. 1e138 square without leaving it (the
+    # reference squares directly).
+    scale = {1e-28: 1e-130, 1e-20: 1e-100, 1.0: 1.0, 1e19: 1e100, 1e28: 1e130}[c["bank_scale"]]
     bank = (gaussian(c["seed"], (60, 16)) + c["offset"]) * scale
     queries = (gaussian(c["seed"] + 1, (20, 16)) * c["query_ratio"] + c["offset"]) * scale
     want_d, want_i = reference.nearest_neighbors(bank, queries, c["k"])
