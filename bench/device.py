@@ -29,9 +29,10 @@ import traceback
 import numpy as np
 
 FULL = dict(search_bank=20_000, search_queries=6272, dim=1024, coreset=[(100_000, 0.01), (100_000, 0.10)],
-            x64_coreset=4000, agg_batch=8, agg_channels=(512, 1024), maps_batch=8, backbone_batch=8, rounds=3)
+            x64_coreset=4000, agg_batch=8, agg_channels=(512, 1024), maps_batch=8, backbone_batch=8, rounds=3,
+            stores=("float32", "bfloat16"))
 TINY = dict(search_bank=400, search_queries=64, dim=32, coreset=[(1500, 0.05)], x64_coreset=300, agg_batch=1,
-            agg_channels=(16, 32), maps_batch=2, backbone_batch=0, rounds=1)
+            agg_channels=(16, 32), maps_batch=2, backbone_batch=0, rounds=1, stores=("float32",))
 
 
 def _rel(a, b) -> float:
@@ -180,7 +181,7 @@ def benches(size):
     yield "search_clustered", lambda: search("clustered")
     for cn, frac in size["coreset"]:
         for method in ("lazy", "dense"):
-            for store in ("float32", "bfloat16"):
+            for store in size["stores"]:
                 def run(cn=cn, frac=frac, method=method, store=store):
                     bank = jnp.asarray(np.random.default_rng(cn).normal(size=(cn, d)).astype(np.float32))
                     proj = pj.random_projection(0, d, 128)
