@@ -76,3 +76,44 @@ def test_reference_search_small(benchmark):
     benchmark.group = "search k=1 bank 5k x 784 queries"
     bank, queries = gaussian(1, (SMALL[0], 1024)), gaussian(2, (SMALL[1], 1024))
     timed_once(benchmark, reference.nearest_neighbors, bank, queries, 1)
+
+
+# -- real PatchCore features: the clustered index (prunes) vs brute force vs faiss flat ------------------
+# Bank: the 10% greedy coreset of 250 synthetic-texture images' WRN50-2 features (random-init backbone,
+# see bench/real_features.py); queries: the 6272 patches of 8 test images. Built once and cached.
+REAL = "search k=1 real WRN50 features, 10% coreset of 250 images, 6272 queries"
+
+
+def test_jax_clustered_real(benchmark):
+    from bench.real_features import load
+    from patchcore_jax import clustered
+
+    benchmark.group = REAL
+    bank, queries = load()
+    index, q = pj.build_clustered_index(bank), jnp.asarray(queries)
+    timed_jax(benchmark, pj.search, index, q, 1, compiled=(clustered._search,))
+    benchmark.extra_info.update({"bank_rows": int(bank.shape[0]), "leaves": int(index.num_leaves),
+                                 "leaf_size": int(index.leaf_size),
+                                 "rows_read_per_query_vs_brute_force": round(clustered.visited_fraction(index, q), 4)})
+
+
+def test_jax_brute_real(benchmark):
+    from bench.real_features import load
+
+    benchmark.group = REAL
+    bank, queries = load()
+    index, q = pj.build_index(jnp.asarray(bank)), jnp.asarray(queries)
+    timed_jax(benchmark, pj.search, index, q, 1, compiled=(neighbors._search,))
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss-cpu is not installed")
+def test_faiss_flat_l2_real(benchmark):
+    import faiss
+
+    from bench.real_features import load
+
+    benchmark.group = REAL
+    bank, queries = load()
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank)
+    benchmark.pedantic(lambda: index.search(queries, 1), rounds=3, iterations=1, warmup_rounds=1)

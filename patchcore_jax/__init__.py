@@ -2,6 +2,7 @@
 
 from patchcore_jax import metrics
 from patchcore_jax.aggregate import aggregate_patches
+from patchcore_jax.clustered import ClusteredIndex, build_clustered_index
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.coreset import greedy_coreset, random_projection
 from patchcore_jax.ensemble import PatchCoreEnsemble
@@ -15,6 +16,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BankIndex",
+    "ClusteredIndex",
     "ModelFileError",
     "PatchCore",
     "PatchCoreConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "aggregate_patches",
     "anomaly_maps",
     "approximate_nearest_neighbors",
+    "build_clustered_index",
     "build_index",
     "greedy_coreset",
     "image_scores",

@@ -288,8 +288,8 @@ class PatchCore(Detector):
             self.bank = jax.device_put(bank)
             self.index = sharding.build_index(bank, self.mesh)
         else:
+            self.index = neighbors.build_index(bank)  # checked on the host, then put on the device
             self.bank = jax.device_put(bank)
-            self.index = neighbors.build_index(self.bank)
 
     # -- model files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -11,18 +11,19 @@ from patchcore_jax import neighbors
 from patchcore_jax import _checks
 
 
-def _reweighted(m_test, s_star, m_star, hood_idx, rows, num_neighbors):
-    """Eq. 7 for one image: `(1 - softmax(||m_test* - m||, m in N_b(m*))[m*]) * s*`.
-
-    `hood_idx` are the `b` rows nearest to `m*` as searched; `m*` is put first.
-    """
+def _neighbourhood(m_star, hood_idx, num_neighbors):
+    """N_b(m*) for one image: `m*` first, then the rows nearest to it as searched."""
     # DECISION: N_b(m*) is m* followed by the b - 1 rows nearest to it, even if the bank holds copies
     # of m* at lower indices; a stable sort on (not m*) keeps the search's order otherwise.
     cand = jnp.concatenate([m_star[None], hood_idx])
     is_dup = jnp.concatenate([jnp.array([False]), hood_idx == m_star])
     order = jnp.argsort(is_dup, stable=True)[:num_neighbors]
-    hood = cand[order]
-    dists = jnp.sqrt(jnp.sum(jnp.square(rows[hood] - m_test[None, :]), axis=1))
+    return cand[order]
+
+
+def _reweighted(dists, s_star):
+    """Eq. 7 for one image: `(1 - softmax(||m_test* - m||, m in N_b(m*))[m*]) * s*`, `dists` with
+    m* first. The softmax subtracts its maximum, so distances of any magnitude stay finite."""
     weight = 1.0 - jax.nn.softmax(dists)[0]
     return weight * s_star
 
@@ -41,15 +42,16 @@ def scores_from_search(index: neighbors.BankIndex, patch_features, search, *, nu
         return s_star, patch_scores
     m_star = jnp.take_along_axis(nearest, worst[:, None], 1)[:, 0]
     m_test = jnp.take_along_axis(patch_features, worst[:, None, None], 1)[:, 0].astype(index.rows.dtype) - index.centre
-    _, hood = search(index, index.rows[m_star] + index.centre, num_neighbors)
-    scores = jax.vmap(_reweighted, in_axes=(0, 0, 0, 0, None, None))(m_test, s_star, m_star, hood, index.rows, num_neighbors)
-    return scores, patch_scores
+    _, hood = search(index, neighbors._bank_rows(index, m_star), num_neighbors)
+    hood = jax.vmap(_neighbourhood, in_axes=(0, 0, None))(m_star, hood, num_neighbors)
+    dists = neighbors._distances_to(index, m_test, hood)
+    return jax.vmap(_reweighted)(dists, s_star), patch_scores
 
 
 @functools.partial(jax.jit, static_argnames=("num_neighbors", "query_block"))
 def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, query_block):
     def search(idx, queries, k):
-        return neighbors._search(idx, queries, k=k, query_block=min(query_block, queries.shape[0]))
+        return neighbors._search_any(idx, queries, k=k, query_block=min(query_block, queries.shape[0]))
 
     return scores_from_search(index, patch_features, search, num_neighbors=num_neighbors)
 
@@ -57,7 +59,9 @@ def _image_scores(index: neighbors.BankIndex, patch_features, *, num_neighbors, 
 def image_scores_from_index(
     index: neighbors.BankIndex, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = 256
 ) -> tuple[jax.Array, jax.Array]:
-    """`image_scores` on a bank prepared once with `neighbors.build_index` (the model's path)."""
+    """`image_scores` on a bank prepared once (the model's path): a `neighbors.BankIndex` from
+    `build_index` (brute force) or a `clustered.ClusteredIndex` from `build_clustered_index` (prunes;
+    the same scores)."""
     b, p, _ = _checks.check_width("patch_features", patch_features, "B, P", index.rows.shape[1], "the bank")
     num_neighbors = _checks.check_int("num_neighbors", num_neighbors, low=1, high=index.size)
     query_block = min(_checks.check_int("query_block", query_block, low=1), b * p)

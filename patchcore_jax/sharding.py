@@ -142,7 +142,7 @@ def _sharded_search(index: neighbors.BankIndex, queries, k, *, mesh, query_block
     def local(rows_l, norms_l, blocks):
         offset = jax.lax.axis_index(AXIS) * rows_l.shape[0]
         local_index = neighbors.BankIndex(rows=rows_l, sq_norms=norms_l, centre=index.centre, size=rows_l.shape[0],
-                                          block=index.block)
+                                          block=index.block, log2_scale=index.log2_scale)
         dist, idx = jax.lax.map(lambda b: neighbors._search_block(b, local_index, k_local), blocks)
         dist, idx = dist.reshape(q_pad, k_local), idx.reshape(q_pad, k_local) + offset
         all_d = jax.lax.all_gather(dist, AXIS, axis=1, tiled=True)  # (q_pad, devices * k_local)

@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -121,3 +122,124 @@ def test_bad_input(backend):
         backend.nearest_neighbors(bank, np.full((2, 3), np.inf))
     with pytest.raises(ValueError, match="bank.*non-empty"):
         backend.nearest_neighbors(np.ones((0, 3)), bank)
+
+
+# -- numerics that never go silently wrong ----------------------------------------------------------
+_jit_nearest = jax.jit(patchcore_jax.nearest_neighbors, static_argnames=("k",))
+
+
+def _plain_and_jit(bank, queries, k):
+    """Like `both_ways`, with one jitted function kept across examples (one compile per shape)."""
+    yield "plain", patchcore_jax.nearest_neighbors(bank, queries, k)
+    yield "jit", _jit_nearest(bank, queries, k=k)
+
+@st.composite
+def near_duplicate_cases(draw):
+    """Banks of tight clusters: rows whose squared distances differ by far less than float32's error
+    on the norm expansion (|b|^2 ~ 400 here), but by far more than the difference of two rows."""
+    return dict(
+        seed=draw(st.integers(0, 2**16)),
+        clusters=3,
+        copies=draw(st.sampled_from([2, 12])),  # 12 > the candidates kept: the certificate must fail
+        spread=draw(st.sampled_from([1e-2, 1e-3])),
+        k=draw(st.sampled_from([1, 3])),
+        offset=draw(st.sampled_from([0.0, 100.0])),
+    )
+
+
+def _near_duplicates(c, d=24):
+    rng = np.random.default_rng(c["seed"])
+    base = rng.normal(size=(c["clusters"], d)) * 4.0 + c["offset"]
+    bank = np.repeat(base, c["copies"], axis=0) + rng.normal(size=(c["clusters"] * c["copies"], d)) * c["spread"]
+    queries = np.concatenate([bank[::2], bank[:2] + rng.normal(size=(2, d)) * c["spread"] * 0.1])
+    return bank.astype(np.float32).astype(np.float64), queries.astype(np.float32).astype(np.float64)
+
+
+@given(near_duplicate_cases())
+def test_near_duplicates_find_the_exact_nearest(c):
+    """The norm expansion alone cannot tell these rows apart (it once returned a near-duplicate at
+    1e-5 for a bank row's own query); the re-ranked, certified search must."""
+    bank, queries = _near_duplicates(c)
+    k = min(c["k"], len(bank))
+    want_d, want_i = reference.nearest_neighbors(bank, queries, k)
+    for how, (got_d, got_i) in _plain_and_jit(bank.astype(np.float32), queries.astype(np.float32), k):
+        got_i = np.asarray(got_i)
+        true_d = np.linalg.norm(bank[got_i] - queries[:, None], axis=-1)
+        # Rows are 1e-3 apart; float32 rounding of the centred rows is ~1e-5 at offset 100.
+        np.testing.assert_allclose(true_d, want_d, rtol=0, atol=2e-5 * (1 + c["offset"]), err_msg=how)
+        np.testing.assert_allclose(np.asarray(got_d), want_d, rtol=0, atol=2e-5 * (1 + c["offset"]), err_msg=how)
+        # A query that is a bank row goes through the same arithmetic as that row: it finds itself at 0.
+        own = np.arange(0, len(bank), 2)
+        np.testing.assert_array_equal(got_i[: len(own), 0], own, err_msg=how)
+        np.testing.assert_array_equal(np.asarray(got_d)[: len(own), 0], 0.0, err_msg=how)
+
+
+def test_a_bank_row_finds_itself_among_many_near_duplicates():
+    # 40 rows within 1e-3 of each other at norm ~20: the float32 keys of all of them agree to within
+    # their error (~3e-2), so only the exact pass can rank them; each row must find itself at 0.
+    rng = np.random.default_rng(3)
+    bank = (rng.normal(size=(1, 24)) * 4 + rng.normal(size=(40, 24)) * 1e-3).astype(np.float32)
+    for k in (1, 2):
+        d, i = patchcore_jax.nearest_neighbors(bank, bank, k)
+        np.testing.assert_array_equal(np.asarray(i)[:, 0], np.arange(40))
+        np.testing.assert_array_equal(np.asarray(d)[:, 0], 0.0)
+
+
+@st.composite
+def magnitude_cases(draw):
+    return dict(
+        seed=draw(st.integers(0, 2**16)),
+        # Up to 1e36 and down to 1e-36 once the query ratio applies: inside float32's normal range, and
+        # distances below its largest value (beyond it they come back inf, tested below).
+        bank_scale=draw(st.sampled_from([1e-28, 1e-20, 1.0, 1e19, 1e28])),
+        query_ratio=draw(st.sampled_from([1.0, 1e-8, 1e8])),  # queries near, inside or far outside
+        offset=draw(st.sampled_from([0.0, 3.0])),               # in units of the bank's scale
+        k=draw(st.sampled_from([1, 3])),
+    )
+
+
+def _magnitude_inputs(c, n=60, q=20, d=16):
+    s = c["bank_scale"]
+    bank = (gaussian(c["seed"], (n, d)) + c["offset"]) * s
+    queries = (gaussian(c["seed"] + 1, (q, d)) * c["query_ratio"] + c["offset"]) * s
+    # Round to float32 first: the reference then measures the same points the float32 search sees.
+    return bank.astype(np.float32).astype(np.float64), queries.astype(np.float32).astype(np.float64)
+
+
+@given(magnitude_cases())
+def test_any_magnitude_searches_exactly(c):
+    """Features around 1e19 overflow float32 squares and around 1e-25 underflow them; the search
+    scales by powers of two (exact), so it agrees with float64 at every magnitude."""
+    bank, queries = _magnitude_inputs(c)
+    want_d, want_i = reference.nearest_neighbors(bank, queries, c["k"])
+    for how, (got_d, got_i) in _plain_and_jit(bank.astype(np.float32), queries.astype(np.float32), c["k"]):
+        got_d, got_i = np.asarray(got_d, np.float64), np.asarray(got_i)
+        assert np.isfinite(got_d).all(), how
+        assert_close(got_d / c["bank_scale"], want_d / c["bank_scale"], np.float32, err_msg=how)
+        true_d = np.linalg.norm(bank[got_i] - queries[:, None], axis=-1)
+        assert_close(true_d / c["bank_scale"], want_d / c["bank_scale"], np.float32, err_msg=how)
+        if c["query_ratio"] == 1.0:  # no near-ties to speak of: the very same rows
+            np.testing.assert_array_equal(got_i, want_i, err_msg=how)
+
+
+@given(magnitude_cases())
+def test_any_magnitude_indices_equal_reference_under_x64(c):
+    # float64's own range: with the query ratio, 1e-138 .. 1e138 square without leaving it (the
+    # reference squares directly).
+    scale = {1e-28: 1e-130, 1e-20: 1e-100, 1.0: 1.0, 1e19: 1e100, 1e28: 1e130}[c["bank_scale"]]
+    bank = (gaussian(c["seed"], (60, 16)) + c["offset"]) * scale
+    queries = (gaussian(c["seed"] + 1, (20, 16)) * c["query_ratio"] + c["offset"]) * scale
+    want_d, want_i = reference.nearest_neighbors(bank, queries, c["k"])
+    with x64():
+        got_d, got_i = patchcore_jax.nearest_neighbors(bank, queries, c["k"])
+        np.testing.assert_array_equal(np.asarray(got_i), want_i)
+        assert_close(np.asarray(got_d) / scale, want_d / scale, np.float64)
+
+
+def test_results_beyond_float32_come_back_infinite_not_wrong():
+    bank = gaussian(0, (20, 8)).astype(np.float32)
+    far = np.full((2, 8), 3e38, np.float32)  # its difference from the bank overflows float32
+    d, _ = patchcore_jax.nearest_neighbors(bank, far, 1)
+    assert not np.isfinite(np.asarray(d)).any()
+    with pytest.raises(ValueError, match="bank.*overflow"):
+        patchcore_jax.build_index(np.array([[-3e38], [3e38], [3e38]], np.float32))  # -3e38 - mean overflows

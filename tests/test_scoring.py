@@ -107,6 +107,21 @@ def test_prepared_index_path_is_reused():
     assert scoring._image_scores._cache_size() == size
 
 
+@pytest.mark.parametrize("magnitude", [1e-25, 1e19, 1e30])
+def test_scores_at_extreme_magnitudes_are_finite_and_right(magnitude):
+    """Squares of features around 1e19 overflow float32 and around 1e-25 underflow; scores must still
+    match the float64 reference (relative to the magnitude), never NaN."""
+    bank = (gaussian(0, (150, 32)) * magnitude).astype(np.float32)
+    feats = (gaussian(1, (2, 49, 32)) * 1.5 * magnitude).astype(np.float32)
+    want_s, want_p = reference.image_scores(bank.astype(np.float64), feats.astype(np.float64), num_neighbors=9)
+    # Eq. 7's softmax is taken over the distances as they are, so its factor depends on the magnitude;
+    # the reference computes it in float64 at the same magnitude.
+    got_s, got_p = patchcore_jax.image_scores(bank, feats, num_neighbors=9)
+    assert np.isfinite(np.asarray(got_s)).all() and np.isfinite(np.asarray(got_p)).all()
+    assert_close(np.asarray(got_p, np.float64) / magnitude, want_p / magnitude)
+    assert_close(np.asarray(got_s, np.float64) / magnitude, want_s / magnitude)
+
+
 @pytest.mark.parametrize("backend", [reference, patchcore_jax])
 def test_bad_input(backend):
     bank = np.ones((4, 3))

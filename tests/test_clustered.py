@@ -1,0 +1,112 @@
+"""The clustered index: exact search that prunes, held to the float64 reference like brute force."""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import patchcore_jax
+import reference
+from patchcore_jax import clustered
+from tests.helpers import assert_close, gaussian, x64
+
+_jit_search = jax.jit(patchcore_jax.search, static_argnames=("k", "query_block"))
+
+
+def _mixture(seed, n, d, centres, spread, offset=0.0):
+    """Rows around a few centres, as patch features of one texture sit around a few prototypes."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centres, d)) * 5.0
+    return means[rng.integers(0, centres, n)] + rng.normal(size=(n, d)) * spread + offset
+
+
+@st.composite
+def cases(draw):
+    return dict(
+        seed=draw(st.integers(0, 2**16)),
+        n=draw(st.sampled_from([40, 300])),
+        leaf=draw(st.sampled_from([4, 32])),  # 4: many leaves, most pruned; 32: few, most visited
+        k=draw(st.sampled_from([1, 4])),
+        centres=draw(st.sampled_from([1, 6])),
+        spread=draw(st.sampled_from([0.3, 1.0])),
+        offset=draw(st.sampled_from([0.0, 20.0])),
+    )
+
+
+@given(cases())
+def test_same_rows_as_the_reference(c):
+    """x64: indices equal to the float64 brute force exactly; float32 (jitted): distances to the
+    table, and the chosen rows' true distances are the reference's k smallest."""
+    bank = _mixture(c["seed"], c["n"], 8, c["centres"], c["spread"], c["offset"])
+    queries = _mixture(c["seed"] + 1, 16, 8, c["centres"], c["spread"] * 1.5, c["offset"])
+    want_d, want_i = reference.nearest_neighbors(bank, queries, c["k"])
+    with x64():
+        index = patchcore_jax.build_clustered_index(bank, leaf_size=c["leaf"], seed=c["seed"])
+        got_d, got_i = patchcore_jax.search(index, queries, c["k"])
+        np.testing.assert_array_equal(np.asarray(got_i), want_i)
+        assert_close(got_d, want_d, np.float64)
+    index = patchcore_jax.build_clustered_index(bank.astype(np.float32), leaf_size=c["leaf"], seed=c["seed"])
+    got_d, got_i = _jit_search(index, queries.astype(np.float32), k=c["k"])
+    assert_close(got_d, want_d, np.float32, err_msg="jit")
+    true_d = np.linalg.norm(bank[np.asarray(got_i)] - queries[:, None], axis=-1)
+    assert_close(true_d, want_d, np.float32, err_msg="jit")
+
+
+def test_near_duplicates_and_extreme_magnitudes_stay_exact():
+    # 40 rows within 1e-3 of each other (float32 keys cannot rank them) and a bank around 1e19
+    # (whose squares overflow float32): certified or searched again by exact differences.
+    rng = np.random.default_rng(3)
+    dups = (rng.normal(size=(1, 24)) * 4 + rng.normal(size=(40, 24)) * 1e-3).astype(np.float32)
+    index = patchcore_jax.build_clustered_index(dups, leaf_size=8)
+    d, i = patchcore_jax.search(index, dups, 2)
+    np.testing.assert_array_equal(np.asarray(i)[:, 0], np.arange(40))
+    np.testing.assert_array_equal(np.asarray(d)[:, 0], 0.0)
+    big = (_mixture(4, 200, 16, 4, 0.5) * 1e19).astype(np.float32)
+    queries = (_mixture(5, 30, 16, 4, 0.8) * 1e19).astype(np.float32)
+    want_d, want_i = reference.nearest_neighbors(big.astype(np.float64), queries.astype(np.float64), 3)
+    got_d, got_i = patchcore_jax.search(patchcore_jax.build_clustered_index(big, leaf_size=16), queries, 3)
+    np.testing.assert_array_equal(np.asarray(got_i), want_i)
+    assert_close(np.asarray(got_d, np.float64) / 1e19, want_d / 1e19)
+
+
+def test_it_prunes_on_clustered_data():
+    """Not a timing: the rows read per query against brute force's, which is what makes it fast."""
+    bank = _mixture(0, 2000, 16, 20, 0.3).astype(np.float32)
+    queries = _mixture(0, 2000, 16, 20, 0.3)[:200].astype(np.float32) + 0.01
+    index = patchcore_jax.build_clustered_index(bank, leaf_size=32)
+    assert clustered.visited_fraction(index, queries) < 0.25
+    want_d, want_i = reference.nearest_neighbors(bank, queries, 1)
+    got_d, got_i = patchcore_jax.search(index, queries, 1)
+    np.testing.assert_array_equal(np.asarray(got_i), want_i)
+
+
+def test_arrays_round_trip_and_scores_match_brute_force():
+    bank = _mixture(1, 500, 32, 5, 1.0).astype(np.float32)
+    feats = _mixture(2, 3 * 49, 32, 5, 1.5).astype(np.float32).reshape(3, 49, 32)
+    index = patchcore_jax.build_clustered_index(bank, leaf_size=16)
+    arrays = index.to_arrays()
+    assert all(isinstance(a, np.ndarray) for a in arrays.values())
+    again = patchcore_jax.ClusteredIndex.from_arrays(dict(arrays))
+    queries = feats.reshape(-1, 32)
+    for a, b in zip(patchcore_jax.search(index, queries, 3), patchcore_jax.search(again, queries, 3)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Scores through the common entry point: the same as brute force's and the reference's.
+    want_s, want_p = reference.image_scores(bank.astype(np.float64), feats.astype(np.float64), num_neighbors=9)
+    for idx in (again, patchcore_jax.build_index(bank)):
+        got_s, got_p = patchcore_jax.image_scores_from_index(idx, feats, num_neighbors=9)
+        assert_close(got_p, want_p)
+        assert_close(got_s, want_s)
+    with pytest.raises(ValueError, match="missing.*radii"):
+        patchcore_jax.ClusteredIndex.from_arrays({k: v for k, v in arrays.items() if k != "radii"})
+    with pytest.raises(ValueError, match="slots"):
+        patchcore_jax.ClusteredIndex.from_arrays(dict(arrays, slots=arrays["slots"][:-1]))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="leaf_size"):
+        patchcore_jax.build_clustered_index(np.ones((4, 3)), leaf_size=0)
+    with pytest.raises(ValueError, match="bank.*finite"):
+        patchcore_jax.build_clustered_index(np.full((4, 3), np.nan))
+    index = patchcore_jax.build_clustered_index(gaussian(0, (10, 3)), leaf_size=4)
+    with pytest.raises(ValueError, match="k.*<= 10"):
+        patchcore_jax.search(index, np.ones((2, 3)), 11)

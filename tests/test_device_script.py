@@ -1,0 +1,16 @@
+"""The prepared device script (`python -m bench.device`) in its tiny form, so that it cannot rot: every
+agreement check it makes must pass here too, and every bench must produce a time."""
+
+import json
+
+from bench import device
+
+
+def test_tiny_device_run_writes_one_passing_report(tmp_path):
+    assert device.main(["--out", str(tmp_path), "--tiny"]) == 0
+    report = json.loads((tmp_path / "device.json").read_text())
+    assert report["all_checks_ok"] and not report["errors"] and not report["skipped"]
+    assert set(report["checks"]) == {"search", "coreset", "scores_and_maps"}
+    assert report["checks"]["search"]["clustered_near_duplicates_find_themselves"] is True
+    assert all(b["median_s"] > 0 for b in report["benches"].values())
+    assert report["auto_method"] == "lazy"  # the CPU's choice
