@@ -45,7 +45,7 @@ def _to_device(host: np.ndarray) -> jax.Array:
             return jnp.from_dlpack(host)  # zero-copy on the CPU when aligned
         except Exception:  # an older jaxlib or an unaligned buffer: a plain copy
             pass
-    return jnp.asarray(host)
+    return jax.device_put(host)
 
 
 def build_memory_bank(
@@ -98,7 +98,8 @@ def build_memory_bank(
         raise ValueError(f"coreset_fraction: expected a number > 0, got {coreset_fraction!r}")
     proj_shape = _checks.check_array("projection", projection, ndim=2)
     dim, width = proj_shape
-    projection = jnp.asarray(projection, jnp.float32)
+    projection = (projection.astype(jnp.float32) if isinstance(projection, jax.Array)
+                  else jax.device_put(np.asarray(projection, np.float32)))  # explicitly, once
     method = coreset_lib.resolve_method(method)
     store = np.dtype(jnp.dtype(jnp.float32 if store_dtype is None else store_dtype))
     block = _checks.check_int("block", block, low=1)
@@ -121,7 +122,7 @@ def build_memory_bank(
             host = np.asarray(batch, np.float32)
             path = os.path.join(spill, f"{i:08d}.npy")
             np.save(path, host)
-            psi = np.asarray(_project(jnp.asarray(host), projection))
+            psi = np.asarray(jax.device_get(_project(jax.device_put(host), projection)))
             del host
             col_sum += psi.sum(axis=0, dtype=np.float64)
             np.ascontiguousarray(psi, np.float32).tofile(projected)
@@ -173,7 +174,7 @@ def _greedy(layout: np.ndarray, n: int, num: int, starts, *, method: str, block:
     """`coreset.greedy_coreset`'s loops on an already projected, centred bank (host memory, used in
     place on a CPU: every reshape happens inside one jitted call, so nothing copies it)."""
     psi = _to_device(layout)
-    norms, min_dist = _start_distances(psi, jnp.asarray(starts), n=n)
+    norms, min_dist = _start_distances(psi, jax.device_put(np.asarray(starts, np.int32)), n=n)
     if method == "lazy":
         return np.asarray(_lazy_on_layout(psi, norms, min_dist, num=num, block=block), np.int64)
     _, selected = coreset_lib._run_steps(min_dist, jnp.zeros((num,), jnp.int32), 0, psi, norms, num_steps=num)

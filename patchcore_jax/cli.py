@@ -26,7 +26,7 @@ OPTION_OF = {
     "backbone": "--backbone", "weights": "--weights", "resize": "--resize", "crop": "--crop",
     "coreset_fraction": "--coreset", "num_neighbors": "--neighbors", "seed": "--seed", "batch_size": "--batch-size",
     "projection_dim": "--projection-dim", "coreset_dtype": "--coreset-dtype", "geometry": "--geometry",
-    "layers": "--layers", "target_dim": "--target-dim", "pretrain_dim": "--pretrain-dim",
+    "layers": "--layers", "target_dim": "--target-dim", "pretrain_dim": "--pretrain-dim", "search": "--search",
 }
 
 
@@ -127,6 +127,9 @@ def _add_model_options(p, *, coreset_default=None):
     p.add_argument("--pretrain-dim", type=int, help="per-layer width before the final pooling (default 1024)")
     p.add_argument("--projection-dim", type=int, help="coreset projection width (default 128; 0 = none)")
     p.add_argument("--coreset-dtype", choices=("float32", "bfloat16"), help="storage of the projected bank")
+    p.add_argument("--search", choices=("auto", "brute", "clustered"),
+                   help="exact search index: clustered (prunes; fastest on a CPU), brute (for GPU/TPU), or auto "
+                        "(default: by the backend the model runs on); the same results")
     p.add_argument("--batch-size", type=int, help="images per compiled step (default 8)")
     p.add_argument("--seed", type=int, help="seed of projection, start points and a random backbone (default 0)")
 

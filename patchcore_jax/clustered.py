@@ -108,7 +108,7 @@ class ClusteredIndex:
         for name, shape in expect.items():
             if np.asarray(arrays[name]).shape != shape:
                 raise ValueError(f"arrays[{name!r}]: expected shape {shape}, got {np.asarray(arrays[name]).shape}")
-        return cls(**{n: jnp.asarray(arrays[n]) for n in names[:8]}, size=size, leaf_size=leaf)
+        return cls(**{n: jax.device_put(np.asarray(arrays[n])) for n in names[:8]}, size=size, leaf_size=leaf)
 
     # The duck-typed interface that `neighbors` and `scoring` use for any index.
     def _search(self, queries, *, k, query_block=None):
@@ -167,7 +167,7 @@ def build_clustered_index(bank, *, leaf_size: int = 64, iterations: int = 10, se
     leaf_size = _checks.check_int("leaf_size", leaf_size, low=1)
     iterations = _checks.check_int("iterations", iterations, low=0)
     base = neighbors.build_index(bank, block=n)  # the same centring and scaling as brute force
-    x = np.asarray(base.rows)[:n]
+    x = np.asarray(jax.device_get(base.rows))[:n]  # explicitly to the host: the k-means runs there
     rng = np.random.default_rng(seed)
     num = max(1, min(n, round(n / leaf_size)))
     assign = _kmeans(x, num, iterations=iterations, rng=rng) if num > 1 else np.zeros(n, np.int64)
@@ -199,9 +199,10 @@ def build_clustered_index(bank, *, leaf_size: int = 64, iterations: int = 10, se
     radii = np.nextafter(np.sqrt(np.where(real, sq64, 0.0).reshape(num_leaves, leaf_size).max(axis=1)).astype(x.dtype), up)
     radii[len(leaves):] = -1.0
     sq = np.where(real, np.nextafter(sq64.astype(x.dtype), up), np.inf).astype(x.dtype)
-    return ClusteredIndex(rows=jnp.asarray(rows), sq_norms=jnp.asarray(sq), ids=jnp.asarray(ids, jnp.int32),
-                          slots=jnp.asarray(slots, jnp.int32), centroids=jnp.asarray(centroids),
-                          radii=jnp.asarray(radii), centre=base.centre, log2_scale=jnp.asarray(base.log2_scale, jnp.int32),
+    put = jax.device_put  # every array to the device explicitly, once
+    return ClusteredIndex(rows=put(rows), sq_norms=put(sq), ids=put(ids.astype(np.int32)),
+                          slots=put(slots.astype(np.int32)), centroids=put(centroids),
+                          radii=put(radii), centre=base.centre, log2_scale=base.log2_scale.astype(jnp.int32),
                           size=n, leaf_size=leaf_size)
 
 

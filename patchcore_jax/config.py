@@ -14,6 +14,7 @@ from patchcore_jax.backbone import ARCHITECTURES, default_layers, layer_names
 
 _DTYPES = ("float32", "bfloat16")
 GEOMETRIES = ("center_crop", "squash")
+SEARCHES = ("auto", "brute", "clustered")
 MAX_SEED = 2**32 - 1
 MAX_SIZE = 4096  # pixels of resize and crop; far beyond any published setting, far below exhausting memory
 _UPPER = {"resize": MAX_SIZE, "crop": MAX_SIZE, "batch_size": 1024, "pretrain_dim": 65536, "target_dim": 65536,
@@ -40,6 +41,9 @@ class PatchCoreConfig:
       sigma: Gaussian blur of the anomaly maps, in pixels of the crop.
       seed: the one seed (0 <= seed < 2**32) from which the projection, start points and a random backbone are drawn.
       dtype: compute dtype of backbone and features; coreset_dtype: storage of the projected bank.
+      search: the exact nearest-neighbour index: "clustered" (prunes: built once at fit, saved with
+        the model; fastest on a CPU), "brute" (tiled brute force; a matrix product, for GPU and TPU),
+        or "auto" (clustered on a CPU, brute elsewhere, decided where the model runs). Same results.
       batch_size: images per compiled step.
     """
 
@@ -61,6 +65,7 @@ class PatchCoreConfig:
     seed: int = 0
     dtype: str = "float32"
     coreset_dtype: str = "float32"
+    search: str = "auto"
     batch_size: int = 8
 
     def __post_init__(self):
@@ -101,6 +106,8 @@ class PatchCoreConfig:
             raise ValueError(f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
         if self.coreset_dtype not in _DTYPES:
             raise ValueError(f"coreset_dtype: expected one of {_DTYPES}, got {self.coreset_dtype!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search: expected one of {SEARCHES}, got {self.search!r}")
         if self.weights is not None and not isinstance(self.weights, str):
             raise ValueError(f"weights: expected a path string or None, got {self.weights!r}")
 
@@ -147,7 +154,7 @@ _JSON_TYPES = {
     "backbone": str, "weights": (str, type(None)), "layers": list, "resize": int, "crop": int, "geometry": str,
     "patch_size": int, "stride": int, "pretrain_dim": int, "target_dim": int, "coreset_fraction": (int, float),
     "projection_dim": int, "num_starts": int, "num_neighbors": int, "sigma": (int, float), "seed": int,
-    "dtype": str, "coreset_dtype": str, "batch_size": int,
+    "dtype": str, "coreset_dtype": str, "search": str, "batch_size": int,
 }
 
 

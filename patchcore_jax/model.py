@@ -199,30 +199,62 @@ class PatchCore(Detector):
             return self.fit_crops(crops())
 
     def fit_crops(self, batches) -> "PatchCore":
-        """The device stage of `fit`: an iterable of uint8 crop batches `(b, crop, crop, 3)`."""
-        chunks = []
-        for batch in batches:
-            feats = jax.device_get(self.embed_crops(batch))
-            chunks.append(np.asarray(feats).reshape(-1, feats.shape[-1]))
-        if not chunks:
-            raise ValueError("images: expected at least one training image, got none")
-        bank = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-        del chunks
-        finite = np.isfinite(bank)
-        if not finite.all():
-            raise ValueError(
-                f"features: the backbone produced {int(bank.size - finite.sum())} NaN or infinite values "
-                f"(backbone weights: {self.config.weights or 'random initialisation'}); check the weights file"
-            )
-        self.num_patches_seen = len(bank)
-        needed = self.config.num_neighbors
-        if self.bank_size_for_rows(len(bank)) < needed:
-            raise ValueError(
-                f"images: {len(bank)} training patches give a bank of {self.bank_size_for_rows(len(bank))} rows, fewer "
-                f"than num_neighbors ({needed}); fit on more images, raise coreset_fraction or lower num_neighbors"
-            )
-        self.set_bank(self._subsample(bank))
-        self.calibration = {"fit": self._nominal_patch_scores(bank)}
+        """The device stage of `fit`: an iterable of uint8 crop batches `(b, crop, crop, 3)`.
+
+        On one device with a projection and a coreset (the default), the features stream through
+        `bank.build_memory_bank`: only the projected rows stay in memory, full rows are spilled to a
+        temporary folder (`$TMPDIR`) and the chosen ones read back, so the bank before subsampling
+        need not fit in memory. Otherwise (a mesh, `projection_dim=0`, `coreset_fraction=1`) the
+        features are gathered in memory, one copy at a time.
+        """
+        from patchcore_jax import bank as bank_lib
+
+        cfg = self.config
+        sample = _Reservoir(CALIBRATION_SAMPLE, seed=cfg.seed + 1)
+        counts = [0]
+
+        def features():
+            for batch in batches:
+                feats = np.asarray(jax.device_get(self.embed_crops(batch)))
+                rows = feats.reshape(-1, feats.shape[-1])
+                finite = np.isfinite(rows)
+                if not finite.all():
+                    raise ValueError(
+                        f"features: the backbone produced {int(rows.size - finite.sum())} NaN or infinite values "
+                        f"(backbone weights: {cfg.weights or 'random initialisation'}); check the weights file")
+                sample.feed(rows)
+                counts[0] += len(rows)
+                yield rows
+
+        streaming = self.mesh is None and cfg.projection_dim > 0 and cfg.coreset_fraction < 1.0
+        if streaming:
+            projection = coreset.random_projection(cfg.seed, cfg.target_dim, cfg.projection_dim)
+            with tqdm(desc="greedy coreset", unit="step", disable=not self.progress, leave=False) as bar:
+                def report(stage, count, bar=bar):
+                    if stage == "coreset":
+                        bar.update(count - bar.n)
+
+                try:
+                    bank, _ = bank_lib.build_memory_bank(
+                        features(), coreset_fraction=cfg.coreset_fraction, projection=projection, seed=cfg.seed,
+                        num_starts=cfg.num_starts, store_dtype=cfg.coreset_dtype, progress=report)
+                except ValueError as err:
+                    if counts[0] == 0 and str(err).startswith("batches:"):  # the stream was empty
+                        raise ValueError("images: expected at least one training image, got none") from None
+                    raise
+        else:
+            bank = _gather(features())
+            if bank is None:
+                raise ValueError("images: expected at least one training image, got none")
+        n = counts[0]
+        self.num_patches_seen = n
+        if len(bank) < cfg.num_neighbors:
+            raise ValueError(f"images: {n} training patches give a bank of {len(bank)} rows, fewer than num_neighbors "
+                             f"({cfg.num_neighbors}); fit on more images, raise coreset_fraction or lower num_neighbors")
+        if not streaming:
+            bank = self._subsample(bank)
+        self.set_bank(bank)
+        self.calibration = {"fit": self._nominal_patch_scores(sample.rows())}
         top = self.calibration["fit"]["patch_score_quantiles"]["1.0"]
         self.image_threshold = None
         self.pixel_threshold = Threshold(top, f"fit: the largest nominal patch score of {self.calibration['fit']['patch_sample']} "
@@ -230,6 +262,7 @@ class PatchCore(Detector):
         return self
 
     def _subsample(self, bank: np.ndarray) -> np.ndarray:
+        """The in-memory coreset (a mesh, or no projection); the same start-point rule as the stream."""
         cfg = self.config
         n = len(bank)
         if cfg.coreset_fraction >= 1.0:
@@ -255,11 +288,9 @@ class PatchCore(Detector):
                                              progress=advance, chunk=max(64, num // 50))
         return bank[np.sort(np.asarray(jax.device_get(idx)))]
 
-    def _nominal_patch_scores(self, bank: np.ndarray) -> dict:
+    def _nominal_patch_scores(self, sample: np.ndarray) -> dict:
         """Nominal patch scores: a seeded sample of the training patches against the bank (a coreset
         row scores 0; the others measure how far nominal patches sit from the bank)."""
-        rng = np.random.default_rng(self.config.seed + 1)
-        sample = bank[np.sort(rng.choice(len(bank), size=min(CALIBRATION_SAMPLE, len(bank)), replace=False))]
         if self.mesh is not None:
             from patchcore_jax import sharding
 
@@ -270,8 +301,9 @@ class PatchCore(Detector):
         return {"patch_score_quantiles": {str(q): float(np.quantile(dist, q)) for q in CALIBRATION_QUANTILES},
                 "patch_sample": int(len(sample))}
 
-    def set_bank(self, bank) -> None:
-        """Installs a memory bank `(M, target_dim)` directly (as `load` does)."""
+    def set_bank(self, bank, *, clustered_index=None) -> None:
+        """Installs a memory bank `(M, target_dim)` directly (as `load` does), and builds its search
+        index (`search_kind`); `clustered_index`: one already built for this bank (a model file's)."""
         bank = np.asarray(bank, np.float32)
         if bank.ndim != 2 or bank.shape[1] != self.config.target_dim or len(bank) == 0:
             raise ValueError(f"bank: expected shape (M, {self.config.target_dim}) with M >= 1, got {bank.shape}")
@@ -287,9 +319,24 @@ class PatchCore(Detector):
 
             self.bank = jax.device_put(bank)
             self.index = sharding.build_index(bank, self.mesh)
+        elif self.search_kind() == "clustered":
+            from patchcore_jax import clustered
+
+            self.index = clustered_index if clustered_index is not None else clustered.build_clustered_index(
+                bank, seed=self.config.seed)
+            self.bank = jax.device_put(bank)
         else:
             self.index = neighbors.build_index(bank)  # checked on the host, then put on the device
             self.bank = jax.device_put(bank)
+
+    def search_kind(self) -> str:
+        """The index this model searches with here: `config.search`, "auto" resolved by the backend
+        (and a mesh, which always searches by sharded brute force)."""
+        if self.mesh is not None:
+            return "brute"
+        if self.config.search != "auto":
+            return self.config.search
+        return "clustered" if jax.default_backend() == "cpu" else "brute"
 
     # -- model files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -314,6 +361,49 @@ class PatchCore(Detector):
         from patchcore_jax import persistence
 
         return persistence.load_model(path, progress=progress, mesh=mesh)
+
+
+class _Reservoir:
+    """A uniform sample of up to `size` rows of a stream (Algorithm R, seeded): the same rows for the
+    same stream, whatever its batching, with memory bounded by `size` rows."""
+
+    def __init__(self, size: int, *, seed: int):
+        self.size, self.rng, self.seen, self.buffer = size, np.random.default_rng(seed), 0, None
+
+    def feed(self, rows: np.ndarray) -> None:
+        if self.buffer is None:
+            self.buffer = np.empty((self.size, rows.shape[1]), rows.dtype)
+        positions = np.arange(self.seen, self.seen + len(rows))
+        fill = positions < self.size
+        self.buffer[positions[fill]] = rows[fill]
+        if not fill.all():
+            # Row t (0-based) replaces slot j ~ U{0..t} when j < size; in stream order, the later wins.
+            j = self.rng.integers(0, positions[~fill] + 1)
+            late = rows[~fill][j < self.size]
+            j = j[j < self.size]
+            # NumPy does not promise which of repeated indices wins an assignment: keep the last each.
+            _, last_reversed = np.unique(j[::-1], return_index=True)
+            last = len(j) - 1 - last_reversed
+            self.buffer[j[last]] = late[last]
+        self.seen += len(rows)
+
+    def rows(self) -> np.ndarray:
+        return self.buffer[: min(self.seen, self.size)]
+
+
+def _gather(chunks) -> np.ndarray | None:
+    """Concatenates a stream of `(n_i, D)` arrays holding one copy at a time: each chunk is freed as it
+    is copied into the result (a plain concatenate would hold the chunks and the result together)."""
+    held = list(chunks)
+    if not held:
+        return None
+    out = np.empty((sum(len(c) for c in held), held[0].shape[1]), np.float32)
+    at = 0
+    while held:
+        chunk = held.pop(0)
+        out[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    return out
 
 
 def _rows(x, start: int, stop: int):

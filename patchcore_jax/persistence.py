@@ -9,6 +9,8 @@ Layout of a model folder (format 2):
   bank.safetensors      "bank": `(M, target_dim)` float32, the coreset memory bank
   backbone.safetensors  the backbone's weights as used at fit (torchvision names and layouts), so the
                         folder alone predicts the same scores on another machine
+  index.safetensors     the clustered search index built at fit (`clustered.ClusteredIndex.to_arrays`),
+                        or no tensors when the model searched by brute force (rebuilt from the bank)
 An ensemble (`patchcore_jax.ensemble`) is one folder too: `manifest.json`, `ensemble.json` (its
 thresholds and calibration) and `member-0/`, `member-1/`, ... each holding a member's three files,
 all sealed by the one manifest. A folder holding anything else, missing a file, or with any byte
@@ -48,7 +50,7 @@ from patchcore_jax.data.images import display
 FORMAT = "patchcore-jax-model"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-FILES = ("backbone.safetensors", "bank.safetensors", "config.json")
+FILES = ("backbone.safetensors", "bank.safetensors", "config.json", "index.safetensors")
 ENSEMBLE = "ensemble.json"
 _MAX_JSON_BYTES = 1 << 20
 
@@ -331,7 +333,19 @@ def _parse_member(contents: dict[str, bytes], join) -> dict:
     weights = _parse_tensors(contents["backbone.safetensors"], join("backbone.safetensors"))
     bad = sorted(k for k, v in weights.items() if v.dtype != np.float32)
     _expect(not bad, join("backbone.safetensors"), f"expected float32 tensors, got {bad[:4]}")
-    return {"meta": meta, "bank": bank, "weights": weights, "where": join("backbone.safetensors")}
+    index = _parse_tensors(contents["index.safetensors"], join("index.safetensors"))
+    clustered_index = None
+    if index:
+        from patchcore_jax.clustered import ClusteredIndex
+
+        try:
+            clustered_index = ClusteredIndex.from_arrays(index)
+        except ValueError as err:
+            raise ModelFileError(f"{join('index.safetensors')}: {err}") from None
+        _expect(clustered_index.size == bank.shape[0] and clustered_index.rows.shape[1] == bank.shape[1],
+                join("index.safetensors"), f"an index of {clustered_index.size} rows for a bank of {bank.shape[0]}")
+    return {"meta": meta, "bank": bank, "weights": weights, "clustered_index": clustered_index,
+            "where": join("backbone.safetensors")}
 
 
 def _parse_ensemble(raw: bytes, where: str) -> dict:
@@ -377,7 +391,8 @@ def _build_member(files: dict, *, progress: bool, mesh):
         model = PatchCore(meta["config"], progress=progress, mesh=mesh, backbone_weights=files.pop("weights"))
     except ValueError as err:
         raise ModelFileError(f"{files['where']}: {err}") from None
-    model.set_bank(files.pop("bank"))
+    clustered_index = files.pop("clustered_index")
+    model.set_bank(files.pop("bank"), clustered_index=clustered_index if model.search_kind() == "clustered" else None)
     _apply_decisions(model, meta)
     model.num_patches_seen = meta["num_patches_seen"]
     model.weights_sha256 = meta["weights"]["sha256"]
@@ -576,10 +591,14 @@ def _model_files(model) -> dict[str, bytes]:
         "weights": {"source": model.config.weights, "sha256": model.weights_sha256},
         "library_version": patchcore_jax.__version__,
     }
+    from patchcore_jax.clustered import ClusteredIndex
+
+    index = model.index.to_arrays() if isinstance(model.index, ClusteredIndex) else {}
     return {
         "config.json": _canonical(config),
         "bank.safetensors": save({"bank": np.ascontiguousarray(np.asarray(model.bank, np.float32))}),
         "backbone.safetensors": save(model._extract.state_dict()),
+        "index.safetensors": save({k: np.asarray(v, order="C") for k, v in index.items()}),  # 0-d stays 0-d
     }
 
 

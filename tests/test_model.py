@@ -124,7 +124,8 @@ def test_save_load_round_trip_is_bit_identical(fitted, data, tmp_path):
     fitted.fit_threshold([0.5, 1.0, 2.0])
     path = tmp_path / "model"
     fitted.save(path)
-    assert sorted(os.listdir(path)) == ["backbone.safetensors", "bank.safetensors", "config.json", "manifest.json"]
+    assert sorted(os.listdir(path)) == ["backbone.safetensors", "bank.safetensors", "config.json", "index.safetensors",
+                                        "manifest.json"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary left behind
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -210,3 +211,23 @@ def test_fit_and_predict_on_device_arrays_make_no_implicit_transfer(data):
     np.testing.assert_array_equal(got_s, want_s)
     np.testing.assert_array_equal(got_m, want_m)
     np.testing.assert_array_equal(via_images, want_s)
+
+
+def test_fit_streams_its_bank_and_the_indexes_agree(data):
+    """`fit` builds the bank through the streaming builder (full rows spilled, projected rows kept);
+    it equals the in-memory coreset on the same features. The clustered index (the CPU default) and
+    brute force give the same scores and maps."""
+    from patchcore_jax.model import _gather
+
+    model = small_model(search="brute")
+    crops = [np.stack([model.prepare(x) for x in data["train"][i:i + 4]]) for i in range(0, 8, 4)]
+    model.fit_crops(iter(crops))
+    features = _gather(np.asarray(model.embed_crops(c)).reshape(-1, 64) for c in crops)
+    np.testing.assert_array_equal(np.asarray(model.bank), model._subsample(features))
+    clustered = small_model(search="clustered").fit_crops(iter(crops))
+    assert type(clustered.index).__name__ == "ClusteredIndex" and type(model.index).__name__ == "BankIndex"
+    s_brute, m_brute = model.predict(data["test"])
+    s_clust, m_clust = clustered.predict(data["test"])
+    np.testing.assert_allclose(s_clust, s_brute, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m_clust, m_brute, rtol=1e-6, atol=1e-6)
+    assert small_model().search_kind() == "clustered"  # "auto" on a CPU

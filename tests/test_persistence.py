@@ -63,7 +63,8 @@ def _reseal(path):
 
 def test_layout_and_round_trip(saved, data):
     path, scores = saved
-    assert sorted(os.listdir(path)) == ["backbone.safetensors", "bank.safetensors", "config.json", "manifest.json"]
+    assert sorted(os.listdir(path)) == ["backbone.safetensors", "bank.safetensors", "config.json", "index.safetensors",
+                                        "manifest.json"]
     loaded = PatchCore.load(path, progress=False)
     assert loaded.threshold == 1.5 and loaded.calibration is not None
     np.testing.assert_array_equal(loaded.predict(data["test"])[0], scores)
@@ -104,7 +105,7 @@ def test_every_single_bit_flip_of_the_small_files_is_refused(saved, tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(name=st.sampled_from(["bank.safetensors", "backbone.safetensors"]), where=st.floats(0.0, 1.0),
+@given(name=st.sampled_from(["bank.safetensors", "backbone.safetensors", "index.safetensors"]), where=st.floats(0.0, 1.0),
        bit=st.integers(0, 7))
 def test_bit_flips_of_the_arrays_are_refused(saved, tmp_path_factory, name, where, bit):
     path = _copy(saved, tmp_path_factory.mktemp("flip"))
@@ -223,8 +224,8 @@ def _scores(path, data):
     return PatchCore.load(path, progress=False).predict(data["test"])[0]
 
 
-STEPS = ["created", "wrote backbone.safetensors", "wrote bank.safetensors", "wrote config.json", "wrote manifest.json",
-         "exchanged"]
+STEPS = ["created", "wrote backbone.safetensors", "wrote bank.safetensors", "wrote config.json",
+         "wrote index.safetensors", "wrote manifest.json", "exchanged"]
 
 
 @pytest.mark.parametrize("step", STEPS)
