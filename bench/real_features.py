@@ -45,9 +45,11 @@ def build(n_train: int = 250, fraction: float = 0.1, n_test: int = 8, seed: int 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PatchCore(PatchCoreConfig(seed=seed), progress=False)
-    feats = np.concatenate([np.asarray(model.embed(data["train"][i : i + 8])).reshape(-1, 1024)
-                            for i in range(0, n_train, 8)])
-    queries = np.asarray(model.embed(data["test"])).reshape(-1, 1024)
+    def embed(images):
+        return np.asarray(model.embed_crops(np.stack([model.prepare(x) for x in images]))).reshape(-1, 1024)
+
+    feats = np.concatenate([embed(data["train"][i : i + 8]) for i in range(0, n_train, 8)])
+    queries = embed(data["test"])
     n = len(feats)
     starts = tuple(np.random.default_rng(seed).choice(n, size=10, replace=False).tolist())
     proj = coreset.random_projection(seed, 1024, 128)

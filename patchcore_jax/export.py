@@ -155,7 +155,7 @@ def serving_function(model, *, block_rows: int = BLOCK_ROWS) -> Callable[[jax.Ar
     size, _ = bank.shape
     nb = cfg.num_neighbors
     # N_b(m) for every bank row m, by the library's exact search (m itself comes first or ties at 0;
-    # `scoring._reweighted` puts m* first either way). A constant, like the bank.
+    # `scoring._neighbourhood` puts m* first either way). A constant, like the bank.
     hoods = None
     if nb > 1:
         hoods = np.asarray(jax.device_get(neighbors.search(neighbors.build_index(bank), bank, nb)[1]), np.int32)
@@ -197,9 +197,9 @@ def serving_function(model, *, block_rows: int = BLOCK_ROWS) -> Callable[[jax.Ar
         else:
             m_star = jnp.take_along_axis(nearest, worst[:, None], 1)[:, 0]
             m_test = jnp.take_along_axis(queries.reshape(b, h * w, d), worst[:, None, None], 1)[:, 0]
-            hood = jnp.asarray(hoods)[m_star]
-            scores = jax.vmap(scoring._reweighted, in_axes=(0, 0, 0, 0, None, None))(
-                m_test, s_star, m_star, hood, rows, nb)
+            hood = jax.vmap(scoring._neighbourhood, in_axes=(0, 0, None))(m_star, jnp.asarray(hoods)[m_star], nb)
+            dists = jnp.sqrt(jnp.sum(jnp.square(rows[hood] - m_test[:, None, :]), axis=2))
+            scores = jax.vmap(scoring._reweighted)(dists, s_star)
         maps = segmentation._anomaly_maps(patch_scores.reshape(b, h, w), out_size=out_size, sigma=cfg.sigma)
         return scores.astype(jnp.float32), maps.astype(jnp.float32)
 

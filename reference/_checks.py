@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from array_api_compat import is_array_api_obj, is_lazy_array
