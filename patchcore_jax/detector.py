@@ -59,6 +59,11 @@ class Detector:
     def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def _launch(self, crops):
+        """Starts `score_crops(crops)` and returns the call that waits for its result."""
+        result = self.score_crops(crops)
+        return lambda: result
+
     # -- the host stage ----------------------------------------------------------------------------
     def prepare(self, image, *, name: str = "image") -> np.ndarray:
         """One image (file path, PIL image or array `(H, W[, C])`) -> the uint8 crop `(crop, crop, 3)`
@@ -98,12 +103,34 @@ class Detector:
 
     # -- prediction --------------------------------------------------------------------------------
     def predict_iter(self, images) -> Iterator[Prediction]:
-        """Scores images one batch at a time and yields a `Prediction` per image, in input order."""
+        """Scores images one batch at a time and yields a `Prediction` per image, in input order.
+
+        The host reads and prepares the next batch while the device scores the current one (JAX
+        dispatches asynchronously), so at most two batches are in flight."""
         self._require_fitted()
-        for names, crops, sizes in self._crop_batches(images):
-            scores, maps = self.score_crops(crops)
+
+        def finish(names, crops, sizes, fetch):
+            scores, maps = fetch()
             for i, name in enumerate(names):
                 yield Prediction(name, crops[i], float(scores[i]), maps[i], tuple(int(v) for v in sizes[i]))
+
+        batches = self._crop_batches(images)
+        pending = None
+        while True:
+            try:
+                names, crops, sizes = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if pending is not None:  # an unreadable image: the batch already scored is yielded first
+                    yield from finish(*pending)
+                raise
+            launched = (names, crops, sizes, self._launch(crops))
+            if pending is not None:
+                yield from finish(*pending)
+            pending = launched
+        if pending is not None:
+            yield from finish(*pending)
 
     def predict(self, images, *, frame: str = "crop") -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
         """Image scores `(N,)` (Eq. 7) and anomaly maps, in input order.

@@ -125,10 +125,19 @@ class PatchCoreEnsemble(Detector):
 
     def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
         """Combined scores and maps of single images (the fit-statistics rule)."""
-        parts = self.member_scores(crops)
-        scores = np.mean([self._normalise(i, s) for i, (s, _) in enumerate(parts)], axis=0)
-        maps = np.mean([self._normalise(i, m) for i, (_, m) in enumerate(parts)], axis=0)
-        return scores.astype(np.float32), maps.astype(np.float32)
+        return self._launch(crops)()
+
+    def _launch(self, crops):
+        self._require_fitted()
+        fetches = [m._launch(crops) for m in self.members]  # every member dispatched before any waits
+
+        def fetch():
+            parts = [f() for f in fetches]
+            scores = np.mean([self._normalise(i, s) for i, (s, _) in enumerate(parts)], axis=0)
+            maps = np.mean([self._normalise(i, m) for i, (_, m) in enumerate(parts)], axis=0)
+            return scores.astype(np.float32), maps.astype(np.float32)
+
+        return fetch
 
     def _normalise(self, i: int, x: np.ndarray) -> np.ndarray:
         quant = self.members[i].calibration["fit"]["patch_score_quantiles"]

@@ -168,6 +168,11 @@ class PatchCore(Detector):
     def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
         """The device stage of `predict`: uint8 crops `(B, crop, crop, 3)` -> image scores `(B,)` and
         anomaly maps `(B, crop, crop)`, float32 host arrays."""
+        return self._launch(crops)()
+
+    def _launch(self, crops):
+        """Dispatches `score_crops` on the device without waiting; returns the call that fetches its
+        result (and checks it). `predict_iter` prepares the next batch on the host meanwhile."""
         self._require_fitted()
         feats = self.embed_crops(crops)
         b, h, w, d = feats.shape
@@ -179,13 +184,17 @@ class PatchCore(Detector):
             s, patch = scoring.image_scores_from_index(self.index, feats.reshape(b, h * w, d),
                                                        num_neighbors=self.config.num_neighbors)
         maps = segmentation.anomaly_maps(patch.reshape(b, h, w), (self.config.crop, self.config.crop), sigma=self.config.sigma)
-        scores, maps = jax.device_get((s, maps))
-        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
-            raise ValueError(
-                "scores: the device returned NaN or infinite scores; the features overflow float32 or are NaN "
-                f"(backbone weights: {self.config.weights or 'random initialisation'})"
-            )
-        return np.asarray(scores, np.float32), np.asarray(maps, np.float32)
+
+        def fetch():
+            scores, host_maps = jax.device_get((s, maps))
+            if not (np.isfinite(scores).all() and np.isfinite(host_maps).all()):
+                raise ValueError(
+                    "scores: the device returned NaN or infinite scores; the features overflow float32 or are NaN "
+                    f"(backbone weights: {self.config.weights or 'random initialisation'})"
+                )
+            return np.asarray(scores, np.float32), np.asarray(host_maps, np.float32)
+
+        return fetch
 
     # -- fitting -----------------------------------------------------------------------------------
     def fit(self, images) -> "PatchCore":

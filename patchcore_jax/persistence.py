@@ -12,7 +12,7 @@ Layout of a model folder (format 2):
   index.safetensors     the clustered search index built at fit (`clustered.ClusteredIndex.to_arrays`),
                         or no tensors when the model searched by brute force (rebuilt from the bank)
 An ensemble (`patchcore_jax.ensemble`) is one folder too: `manifest.json`, `ensemble.json` (its
-thresholds and calibration) and `member-0/`, `member-1/`, ... each holding a member's three files,
+thresholds and calibration) and `member-0/`, `member-1/`, ... each holding a member's four files,
 all sealed by the one manifest. A folder holding anything else, missing a file, or with any byte
 changed is refused by `read_model_files` / `load` with a `ModelFileError` naming the file. Every
 field of `config.json` and `ensemble.json` is type-checked.

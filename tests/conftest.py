@@ -18,3 +18,20 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("nightly", deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Each test module starts from empty JAX caches, so one long run does not accumulate hundreds of
+    compiled programs (and their memory) across modules; tests that count compilations do so within
+    one test."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -231,3 +231,26 @@ def test_fit_streams_its_bank_and_the_indexes_agree(data):
     np.testing.assert_allclose(s_clust, s_brute, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m_clust, m_brute, rtol=1e-6, atol=1e-6)
     assert small_model().search_kind() == "clustered"  # "auto" on a CPU
+
+
+def test_predict_iter_overlaps_batches_and_loses_nothing_before_a_bad_file(fitted, data, tmp_path):
+    """The next batch is prepared while the device scores the current one: predictions come in input
+    order, equal `score_crops` batch by batch, and an unreadable file in a later batch is reported only
+    after every image before its batch has been yielded."""
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate(data["test"][:7]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    crops = np.stack([fitted.prepare(p) for p in paths])
+    want = np.concatenate([fitted.score_crops(crops[i:i + 4])[0] for i in range(0, 7, 4)])
+    got = list(fitted.predict_iter(paths))
+    assert [p.name for p in got] == paths
+    np.testing.assert_array_equal([p.score for p in got], want)
+    (tmp_path / "5.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # in the second batch (4..6)
+    seen = []
+    with pytest.raises(ValueError, match="5.png"):
+        for pred in fitted.predict_iter(paths):
+            seen.append(pred.name)
+    assert seen == paths[:4]
