@@ -205,13 +205,14 @@ KILLED_PREDICT = """
 import os, sys
 from patchcore_jax import cli, model
 calls = {"n": 0}
-original = model.PatchCore.score_crops
-def score_then_die(self, crops):
+original = model.PatchCore._launch
+def launch_then_die(self, crops):
     calls["n"] += 1
-    if calls["n"] == 2:
-        os._exit(137)   # as kill -9, in the middle of the run
-    return original(self, crops)
-model.PatchCore.score_crops = score_then_die
+    fetch = original(self, crops)
+    if calls["n"] == 2:   # as kill -9, in the middle of the run: while the second batch is scored
+        return lambda: os._exit(137)
+    return fetch
+model.PatchCore._launch = launch_then_die
 sys.exit(cli.main(sys.argv[1:]))
 """
 
