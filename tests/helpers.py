@@ -118,3 +118,23 @@ class _Oracle:
 
 
 oracle = _Oracle()
+
+
+# A small model that compiles and fits in seconds: the shared setting of the model-level tests.
+SMALL = dict(backbone="resnet18", resize=72, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3, batch_size=4)
+
+
+def quiet_model(base: dict, **changes):
+    """`PatchCore(PatchCoreConfig(**base, **changes))` without progress bars or the random-weights warning."""
+    import warnings
+
+    from patchcore_jax.config import PatchCoreConfig
+    from patchcore_jax.model import PatchCore
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PatchCore(PatchCoreConfig(**{**base, **changes}), progress=False)
+
+
+def small_model(**changes):
+    return quiet_model(SMALL, **changes)

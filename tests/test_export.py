@@ -21,7 +21,7 @@ from patchcore_jax.data import make_synthetic
 from patchcore_jax.model import PatchCore
 from tests.helpers import assert_close
 
-SMALL = dict(backbone="resnet18", resize=72, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3, batch_size=4)
+from tests.helpers import SMALL
 HAS_ONNX = not export.missing_onnx_packages()
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="the export extra (jax2onnx, onnx, onnxruntime) is not installed")
 

@@ -11,13 +11,7 @@ from patchcore_jax.data import make_synthetic
 from patchcore_jax.model import PatchCore
 from patchcore_jax.preprocess import preprocess_masks
 
-SMALL = dict(backbone="resnet18", resize=72, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3, batch_size=4)
-
-
-def small_model(**changes):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PatchCore(PatchCoreConfig(**{**SMALL, **changes}), progress=False)
+from tests.helpers import small_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import numpy as np
 import pytest
@@ -17,10 +16,10 @@ from hypothesis import given, settings, strategies as st
 
 from patchcore_jax import persistence, weights
 from patchcore_jax.backbone import build
-from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.data import make_synthetic
 from patchcore_jax.model import PatchCore
 from patchcore_jax.persistence import ModelFileError
+from tests.helpers import quiet_model
 
 # layer2 only keeps the backbone file small (2.8 MB), so every check below is cheap.
 TINY = dict(backbone="resnet18", layers=("layer2",), resize=72, crop=64, pretrain_dim=32, target_dim=32,
@@ -28,9 +27,7 @@ TINY = dict(backbone="resnet18", layers=("layer2",), resize=72, crop=64, pretrai
 
 
 def tiny(**changes):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PatchCore(PatchCoreConfig(**{**TINY, **changes}), progress=False)
+    return quiet_model(TINY, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -19,19 +18,12 @@ from PIL import Image
 
 from patchcore_jax import cli, hub, metrics, preprocess, visualize, weights
 from patchcore_jax.backbone import build
-from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.data import make_synthetic
 from patchcore_jax.model import PatchCore
 from tests import dataset_trees
+from tests.helpers import small_model
 
-SMALL = dict(backbone="resnet18", resize=72, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3, batch_size=4)
 CLI_SMALL = ["--backbone", "resnet18", "--resize", "72", "--crop", "64", "--neighbors", "3", "--quiet"]
-
-
-def small_model(**changes):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PatchCore(PatchCoreConfig(**{**SMALL, **changes}), progress=False)
 
 
 @pytest.fixture(scope="module")
