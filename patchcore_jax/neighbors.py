@@ -317,12 +317,20 @@ def search(index, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> 
 
     A query whose difference from the bank mean overflows the dtype, or whose nearest distance does,
     gets inf or NaN distances (never a finite wrong one); check `jnp.isfinite` on the host if such
-    inputs can occur. Nothing is checked on the device here, so nothing waits for a transfer.
+    inputs can occur. Nothing is checked on the device here, so nothing waits for a transfer, except
+    that a clustered index on a CPU searches 512 or more queries per core from as many host threads
+    (`clustered.host_parts`) and returns when they are done; the results are the same bit for bit.
     """
     _checks.check_width("queries", queries, "Q", index.rows.shape[1], "the bank")
     k = _checks.check_int("k", k, low=1, high=index.size)
     query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])
-    return _search_any(index, jnp.asarray(queries), k=k, query_block=query_block)
+    queries = jnp.asarray(queries)
+    if isinstance(index, BankIndex) or isinstance(queries, jax.core.Tracer):
+        return _search_any(index, queries, k=k, query_block=query_block)
+    from patchcore_jax import clustered  # the index that prunes: host threads on a CPU
+
+    return clustered.in_parts(lambda part: _search_any(index, part, k=k, query_block=query_block),
+                              clustered.host_parts(index, queries.shape[0]), queries)
 
 
 def nearest_neighbors(bank: jax.Array, queries: jax.Array, k: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -110,3 +110,31 @@ def test_bad_input():
     index = patchcore_jax.build_clustered_index(gaussian(0, (10, 3)), leaf_size=4)
     with pytest.raises(ValueError, match="k.*<= 10"):
         patchcore_jax.search(index, np.ones((2, 3)), 11)
+
+
+@given(parts=st.sampled_from([2, 3]), num=st.sampled_from([7, 40]), k=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2**16))
+def test_host_threads_give_the_same_results_as_one_call(parts, num, k, seed):
+    """On a CPU a large search is split over host threads (one per core); the parts together must
+    equal one call bit for bit, and a search inside a trace (no threads) too."""
+    bank = _mixture(seed, 300, 16, 6, 0.5).astype(np.float32)
+    queries = _mixture(seed + 1, num, 16, 6, 0.8).astype(np.float32)
+    index = patchcore_jax.build_clustered_index(bank, leaf_size=16, seed=seed)
+    one = patchcore_jax.search(index, queries, k)
+    used = []
+    real_in_parts = clustered.in_parts
+
+    def spy(fn, n, *arrays):
+        used.append(n)
+        return real_in_parts(fn, n, *arrays)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(clustered, "_MIN_PART", 1)
+        mp.setattr(clustered, "_cores", lambda: parts)
+        mp.setattr(clustered, "in_parts", spy)
+        split = patchcore_jax.search(index, queries, k)
+    assert used == [parts]
+    traced = _jit_search(index, queries, k=k)
+    for a, b, c in zip(one, split, traced):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
