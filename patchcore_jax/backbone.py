@@ -89,11 +89,34 @@ def default_layers(arch: str) -> tuple[str, ...]:
     return layer_names(arch)[1:3]
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """`lax.conv_general_dilated`, with an unpadded, ungrouped, undilated 1x1 convolution computed as
+    the matrix product it is (after subsampling for a stride). XLA's CPU convolution runs these
+    1.2x to 2.1x slower than its matrix product (8 x 56 x 56 x 256 -> 128: 20.3 ms against 9.5 ms);
+    the values are the same to float32 rounding, and the 3x3 and 7x7 convolutions are left to XLA."""
+    one_by_one = (
+        rhs.shape[:2] == (1, 1) and feature_group_count == 1 and lhs.ndim == 4
+        and tuple(map(tuple, padding)) == ((0, 0), (0, 0)) if not isinstance(padding, str) else False
+    )
+    plain = all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+    if one_by_one and plain and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC):
+        sy, sx = window_strides
+        x = lhs[:, ::sy, ::sx] if (sy, sx) != (1, 1) else lhs
+        return jnp.dot(x, rhs[0, 0], precision=precision, preferred_element_type=kwargs.get("preferred_element_type"))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                        feature_group_count, precision=precision, **kwargs)
+
+
 def _conv(cin, cout, k, stride, pad, rngs, precision, dtype, *, groups=1, mode="fan_out"):
     return nnx.Conv(
         cin, cout, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
         feature_group_count=groups, precision=precision, dtype=dtype, rngs=rngs,
         kernel_init=nnx.initializers.variance_scaling(2.0, mode, "normal"),  # torchvision's kaiming_normal_
+        conv_general_dilated=_conv_general_dilated,
     )
 
 
