@@ -46,6 +46,9 @@ from patchcore_jax import _checks
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NO_ID = np.iinfo(np.int32).max  # the id of padding slots: sorts after every real id
 _LEAF_MULTIPLE = 16
+# Candidates kept beyond k for the exact re-ranking: fewer than brute force needs, since keys are
+# formed in a leaf's local coordinates and their error bound is small against the distances.
+_RERANK_MARGIN = 3
 FORMAT_VERSION = 1
 
 
@@ -293,7 +296,7 @@ def _search_impl(index: ClusteredIndex, queries, *, k, chunk):
     q, g = neighbors._scaled_queries(queries.astype(dtype) - index.centre, index.log2_scale)
     w = neighbors._rank_weight(g, dtype)
     num_q, dim = q.shape
-    kc = min(k + neighbors._RERANK_MARGIN, index.size)
+    kc = min(k + _RERANK_MARGIN, index.size)
     num_leaves = index.num_leaves
     gamma = neighbors._gamma(dim, dtype)
     max_radius = jnp.max(index.radii)
