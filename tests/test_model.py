@@ -248,3 +248,18 @@ def test_predict_iter_overlaps_batches_and_loses_nothing_before_a_bad_file(fitte
         for pred in fitted.predict_iter(paths):
             seen.append(pred.name)
     assert seen == paths[:4]
+
+
+def test_a_scoring_thread_error_reaches_the_caller_and_the_thread_stays_usable(fitted, data, monkeypatch):
+    """The search, scores and maps run on the model's scoring thread: NaN features from the device are
+    reported to the caller of `predict` (not lost in the thread), and the next call works."""
+    import jax.numpy as jnp
+
+    want, _ = fitted.predict(data["test"][:3])
+    real_embed = fitted.embed_crops
+    monkeypatch.setattr(fitted, "embed_crops", lambda crops: real_embed(crops) * jnp.nan)
+    with pytest.raises(ValueError, match="NaN or infinite scores"):
+        fitted.predict(data["test"][:3])
+    monkeypatch.undo()
+    got, _ = fitted.predict(data["test"][:3])
+    np.testing.assert_array_equal(got, want)
