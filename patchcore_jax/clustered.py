@@ -316,14 +316,14 @@ def _search_impl(index: ClusteredIndex, queries, *, k, chunk):
     w_pad = jnp.concatenate([w, jnp.ones((1,), dtype)])
     keys = jnp.full((num_q + 1, kc), jnp.inf, dtype)
     slots = jnp.full((num_q + 1, kc), -1, jnp.int32)
-    first = jax.nn.one_hot(jnp.argmin(c_sq, axis=1), num_leaves, dtype=jnp.bool_)
+    first_leaf = jnp.argmin(c_sq, axis=1)
+    first = jax.nn.one_hot(first_leaf, num_leaves, dtype=jnp.bool_)
     keys, slots = _visit(first, q_pad, w_pad, index, keys, slots, chunk=chunk)
     # An upper bound of each query's k-th squared distance from the first visit's keys: a key is its
     # value less its worst-case error `3 gamma (||u|| + w r)^2` (`u` the query less the leaf's
     # centroid), so the exact value lies below the key plus twice that error. `||u||^2` is bounded by
     # the centroid's key plus its own error. No exact pass is needed for the bound, and its validity
     # is not assumed: the certificate below checks the pruned leaves too.
-    first_leaf = jnp.argmin(c_sq, axis=1)
     u_first = jnp.sqrt(jnp.maximum(jnp.take_along_axis(c_sq, first_leaf[:, None], 1)[:, 0] + c_err, 0.0))
     slack = 6.0 * gamma * jnp.square(u_first + w * index.radii[first_leaf])
     bound = keys[:num_q, k - 1] + slack
@@ -371,13 +371,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def host_parts(index, num_queries: int) -> int:
-    """How many host threads share a search of `num_queries` queries of `index` (1: one call)."""
-    if not isinstance(index, ClusteredIndex) or not isinstance(index.rows, jax.Array):
+def host_parts(index, queries) -> int:
+    """How many host threads share a search of `queries` `(Q, D)` of `index` (1: one call, as inside a
+    trace, off a CPU, or for fewer than 2 x 512 queries)."""
+    if not isinstance(index, ClusteredIndex) or any(isinstance(a, jax.core.Tracer) for a in (index.rows, queries)):
         return 1
-    if isinstance(index.rows, jax.core.Tracer) or any(d.platform != "cpu" for d in index.rows.devices()):
+    if any(d.platform != "cpu" for d in index.rows.devices()):
         return 1
-    return max(1, min(_cores(), num_queries // _MIN_PART))
+    return max(1, min(_cores(), queries.shape[0] // _MIN_PART))
 
 
 def in_parts(fn, parts: int, *arrays):

@@ -89,6 +89,7 @@ class PatchCore(Detector):
         # against the bank) and, after `calibrate`, "good_images" (held-out good images' scores and
         # map values). Quantiles are keyed by str(q).
         self.calibration: dict = {}
+        self._scorer: concurrent.futures.ThreadPoolExecutor | None = None  # made on the first predict
         apply = self._extract.apply
 
         @jax.jit
@@ -185,7 +186,7 @@ class PatchCore(Detector):
         return self._scoring_thread().submit(self._score_features, feats).result
 
     def _scoring_thread(self) -> concurrent.futures.ThreadPoolExecutor:
-        if getattr(self, "_scorer", None) is None:
+        if self._scorer is None:
             self._scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="patchcore-jax-scoring")
         return self._scorer
 

@@ -329,12 +329,12 @@ def search(index, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> 
     k = _checks.check_int("k", k, low=1, high=index.size)
     query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])
     queries = jnp.asarray(queries)
-    if isinstance(index, BankIndex) or isinstance(queries, jax.core.Tracer):
-        return _search_any(index, queries, k=k, query_block=query_block)
+    if isinstance(index, BankIndex):
+        return _search(index, queries, k=k, query_block=query_block)
     from patchcore_jax import clustered  # the index that prunes: host threads on a CPU
 
-    return clustered.in_parts(lambda part: _search_any(index, part, k=k, query_block=query_block),
-                              clustered.host_parts(index, queries.shape[0]), queries)
+    return clustered.in_parts(lambda part: index._search(part, k=k, query_block=query_block),
+                              clustered.host_parts(index, queries), queries)
 
 
 def nearest_neighbors(bank: jax.Array, queries: jax.Array, k: int = 1) -> tuple[jax.Array, jax.Array]:
