@@ -33,8 +33,8 @@ def main(argv=None) -> None:
     parser.add_argument("--spill-dir", default=None)
     args = parser.parse_args(argv)
 
-    from patchcore_jax import coreset
-    from patchcore_jax.bank import build_memory_bank
+    from patchcore_jax._src.stages import coreset
+    from patchcore_jax._src.stages.bank import build_memory_bank
 
     stages: dict[str, float] = {}
     clock = [time.perf_counter()]

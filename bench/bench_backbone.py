@@ -12,7 +12,7 @@ BATCH = (8, 224, 224, 3)
 def test_jax(benchmark):
     import warnings
 
-    from patchcore_jax import backbone
+    from patchcore_jax._src.model import backbone
 
     benchmark.group = "backbone WRN50-2 layer2+3, 8 x 224x224"
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ import pytest
 import patchcore_jax as pj
 import reference
 from bench.conftest import HAS_TORCH, gaussian, timed_jax, timed_once
-from patchcore_jax import coreset
+from patchcore_jax._src.stages import coreset
 
 CASES = [(20_000, 0.01), (20_000, 0.10), (100_000, 0.01), (100_000, 0.10), (245_000, 0.10)]
 # The paper's other setting at MVTec's largest bank (245k patches): only the default loop (lazy,
@@ -43,7 +43,7 @@ def test_jax(benchmark, n, frac, store, method, bandwidth):
     proj = jnp.asarray(projection())
     timed_jax(benchmark, lambda: pj.greedy_coreset(x, num, projection=proj, start_indices=tuple(range(10)), store_dtype=store,
                                                    method=method),
-              rounds=2, compiled=(coreset._run_steps, coreset._prepare, coreset._lazy_prepare, coreset._lazy_run))
+              rounds=2, compiled=(coreset.run_steps, coreset._prepare, coreset.lazy_prepare, coreset.lazy_run))
     per_step_bytes = n * 128 * (4 if store == "float32" else 2)
     rate = per_step_bytes * num / benchmark.stats.stats.min / 1e9
     key = "read_gbps" if method == "dense" else "effective_read_gbps"

@@ -4,9 +4,9 @@ coreset; extra_info holds the time per image."""
 import warnings
 
 from bench.conftest import timed_once
-from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax.data import make_synthetic
-from patchcore_jax.model import PatchCore
+from patchcore_jax._src.api.patchcore import PatchCore
 
 DATA = make_synthetic(seed=0, n_train=16, n_test_good=4, n_test_defect=4)
 

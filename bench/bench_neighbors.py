@@ -9,7 +9,8 @@ import pytest
 import patchcore_jax as pj
 import reference
 from bench.conftest import HAS_FAISS, gaussian, timed_jax, timed_once
-from patchcore_jax import neighbors, scoring
+from patchcore_jax._src.stages.search import brute as neighbors
+from patchcore_jax._src.stages import scoring
 
 SIZES = [20_000, 50_000]
 QUERIES = (8 * 784, 1024)
@@ -24,7 +25,7 @@ def test_jax_search_k1(benchmark, n):
     benchmark.group = f"search k=1 bank {n // 1000}k x 6272 queries"
     bank, queries = data(n)
     index, q = pj.build_index(jnp.asarray(bank)), jnp.asarray(queries)
-    timed_jax(benchmark, pj.search, index, q, 1, compiled=(neighbors._search,))
+    timed_jax(benchmark, pj.search, index, q, 1, compiled=(neighbors.search_jit,))
 
 
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss-cpu is not installed")
@@ -59,7 +60,7 @@ def test_jax_image_scores(benchmark, n):
     benchmark.group = f"image scores (Eq. 7, b=9) bank {n // 1000}k x 8 images"
     bank, queries = data(n)
     index, feats = pj.build_index(jnp.asarray(bank)), jnp.asarray(queries.reshape(8, 784, 1024))
-    timed_jax(benchmark, lambda: pj.image_scores_from_index(index, feats, num_neighbors=9), compiled=(scoring._image_scores,))
+    timed_jax(benchmark, lambda: pj.image_scores_from_index(index, feats, num_neighbors=9), compiled=(scoring.image_scores_unchecked,))
 
 
 SMALL = (5_000, 784)  # bank rows, queries: one image, a size the float64 reference finishes
@@ -69,7 +70,7 @@ def test_jax_search_small(benchmark):
     benchmark.group = "search k=1 bank 5k x 784 queries"
     bank, queries = gaussian(1, (SMALL[0], 1024)), gaussian(2, (SMALL[1], 1024))
     index, q = pj.build_index(jnp.asarray(bank)), jnp.asarray(queries)
-    timed_jax(benchmark, pj.search, index, q, 1, compiled=(neighbors._search,))
+    timed_jax(benchmark, pj.search, index, q, 1, compiled=(neighbors.search_jit,))
 
 
 def test_reference_search_small(benchmark):
@@ -86,7 +87,7 @@ REAL = "search k=1 real WRN50 features, 10% coreset of 250 images, 6272 queries"
 
 def test_jax_clustered_real(benchmark):
     from bench.real_features import load
-    from patchcore_jax import clustered
+    from patchcore_jax._src.stages.search import clustered
 
     benchmark.group = REAL
     bank, queries = load()
@@ -103,7 +104,7 @@ def test_jax_brute_real(benchmark):
     benchmark.group = REAL
     bank, queries = load()
     index, q = pj.build_index(jnp.asarray(bank)), jnp.asarray(queries)
-    timed_jax(benchmark, pj.search, index, q, 1, compiled=(neighbors._search,))
+    timed_jax(benchmark, pj.search, index, q, 1, compiled=(neighbors.search_jit,))
 
 
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss-cpu is not installed")

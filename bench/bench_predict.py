@@ -68,8 +68,8 @@ def _category(tmp_dir: str, weights: str) -> tuple[list[str], str]:
 
 
 def _weights(tmp_dir: str) -> str:
-    from patchcore_jax import weights
-    from patchcore_jax.backbone import build
+    from patchcore_jax._src.model import weights
+    from patchcore_jax._src.model.backbone import build
 
     path = os.path.join(tmp_dir, "wrn50-seed0.safetensors")
     if not os.path.exists(path):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from bench.conftest import gaussian, timed_jax
-from patchcore_jax import coreset, sharding
+from patchcore_jax._src.stages import coreset
+from patchcore_jax._src.run import sharding
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
@@ -39,4 +40,4 @@ def test_single_device_baseline(benchmark):
     bank = jnp.asarray(gaussian(0, (N, 1024)))
     proj = coreset.random_projection(0, 1024, 128)
     timed_jax(benchmark, lambda: coreset.greedy_coreset(bank, N // 100, projection=proj), rounds=2,
-              compiled=(coreset._run_steps,))
+              compiled=(coreset.run_steps,))

@@ -164,7 +164,7 @@ def benches(size):
     import jax.numpy as jnp
 
     import patchcore_jax as pj
-    from patchcore_jax import clustered
+    from patchcore_jax._src.stages.search import clustered
 
     r = size["rounds"]
     n, q, d = size["search_bank"], size["search_queries"], size["dim"]
@@ -206,7 +206,7 @@ def benches(size):
         def backbone():
             import warnings
 
-            from patchcore_jax import backbone as bb
+            from patchcore_jax._src.model import backbone as bb
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     result = {
         "backend": backend, "devices": [str(d.device_kind) for d in jax.devices()], "jax": jax.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "tiny": args.tiny,
-        "auto_method": __import__("patchcore_jax.coreset", fromlist=["resolve_method"]).resolve_method("auto"),
+        "auto_method": __import__("patchcore_jax._src.stages.coreset", fromlist=["resolve_method"]).resolve_method("auto"),
         "checks": {}, "benches": {}, "skipped": [], "errors": {},
     }
     for name, check in (("search", check_search), ("coreset", check_coreset), ("scores_and_maps", check_scores_and_maps)):

@@ -32,10 +32,10 @@ def build(n_train: int = 250, fraction: float = 0.1, n_test: int = 8, seed: int 
     """Embeds `n_train` training and `n_test` test images, runs the coreset, writes both arrays."""
     import jax.numpy as jnp
 
-    from patchcore_jax import coreset
-    from patchcore_jax.config import PatchCoreConfig
+    from patchcore_jax._src.stages import coreset
+    from patchcore_jax._src.model.config import PatchCoreConfig
     from patchcore_jax.data import make_synthetic
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax._src.api.patchcore import PatchCore
 
     bank_path, query_path = paths(n_train, fraction)
     if os.path.exists(bank_path) and os.path.exists(query_path):

@@ -1,18 +1,23 @@
-"""PatchCore anomaly detection in JAX: the numerics contract's functions, jit-compiled."""
+"""PatchCore anomaly detection in JAX: the numerics contract's functions, jit-compiled, and the model.
+
+The public face: everything here is re-exported from `patchcore_jax._src`, whose layers point one way
+(app -> api -> io -> run -> model -> stages).
+"""
 
 from patchcore_jax import metrics
-from patchcore_jax.aggregate import aggregate_patches
-from patchcore_jax.clustered import ClusteredIndex, build_clustered_index
-from patchcore_jax.config import PatchCoreConfig
-from patchcore_jax.coreset import greedy_coreset, random_projection
-from patchcore_jax.ensemble import PatchCoreEnsemble
-from patchcore_jax.model import PatchCore
-from patchcore_jax.persistence import ModelFileError, load
-from patchcore_jax.neighbors import BankIndex, approximate_nearest_neighbors, build_index, nearest_neighbors, search
-from patchcore_jax.scoring import image_scores, image_scores_from_index
-from patchcore_jax.segmentation import anomaly_maps
-
-__version__ = "0.2.0"
+from patchcore_jax._src.api.ensemble import PatchCoreEnsemble
+from patchcore_jax._src.api.loading import load
+from patchcore_jax._src.api.patchcore import PatchCore
+from patchcore_jax._src.io.model_files import ModelFileError
+from patchcore_jax._src.model.config import PatchCoreConfig
+from patchcore_jax._src.stages.aggregate import aggregate_patches
+from patchcore_jax._src.stages.coreset import greedy_coreset, random_projection
+from patchcore_jax._src.stages.scoring import image_scores, image_scores_from_index
+from patchcore_jax._src.stages.search.brute import BankIndex, approximate_nearest_neighbors, build_index, nearest_neighbors
+from patchcore_jax._src.stages.search.clustered import ClusteredIndex, build_clustered_index
+from patchcore_jax._src.stages.search.index import search
+from patchcore_jax._src.stages.segmentation import anomaly_maps
+from patchcore_jax._src.version import __version__
 
 __all__ = [
     "BankIndex",
@@ -21,6 +26,7 @@ __all__ = [
     "PatchCore",
     "PatchCoreConfig",
     "PatchCoreEnsemble",
+    "__version__",
     "aggregate_patches",
     "anomaly_maps",
     "approximate_nearest_neighbors",

@@ -22,7 +22,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from patchcore_jax import _synthetic_weights, backbone  # noqa: E402
+from tests import synthetic_weights as _synthetic_weights  # noqa: E402
+from patchcore_jax._src.model import backbone
 
 SEED = 1234
 # arch -> input shape (B, H, W, 3). The newer fixtures use odd sizes, so that the stride-2 stages

@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from patchcore_jax.data.synthetic import _defect, _texture
+from patchcore_jax._src.io.data.synthetic import _defect, _texture
 
 
 def _rgb(rng, h, w, kind=None):

@@ -128,8 +128,8 @@ def quiet_model(base: dict, **changes):
     """`PatchCore(PatchCoreConfig(**base, **changes))` without progress bars or the random-weights warning."""
     import warnings
 
-    from patchcore_jax.config import PatchCoreConfig
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax._src.model.config import PatchCoreConfig
+    from patchcore_jax._src.api.patchcore import PatchCore
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,7 +13,7 @@ def main(process_id: int, port: int) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     import patchcore_jax as pj
-    from patchcore_jax import sharding
+    from patchcore_jax._src.run import sharding
 
     rng = np.random.default_rng(0)
     bank = (rng.normal(size=(400, 12)) + 3).astype(np.float32)

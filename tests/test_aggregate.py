@@ -94,12 +94,12 @@ def test_shape_of_published_configuration():
 
 def test_repeated_calls_do_not_recompile():
     feats = [gaussian(0, (1, 6, 6, 8)).astype(np.float32), gaussian(1, (1, 3, 3, 8)).astype(np.float32)]
-    from patchcore_jax import aggregate
+    from patchcore_jax._src.stages import aggregate
 
     patchcore_jax.aggregate_patches(feats, pretrain_dim=16, target_dim=16)
-    size = aggregate._aggregate._cache_size()
+    size = aggregate.aggregate_linear._cache_size()
     patchcore_jax.aggregate_patches([f + 1 for f in feats], pretrain_dim=16, target_dim=16)
-    assert aggregate._aggregate._cache_size() == size
+    assert aggregate.aggregate_linear._cache_size() == size
 
 
 @pytest.mark.parametrize("backend", [reference, patchcore_jax])

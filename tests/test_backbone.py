@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from patchcore_jax import _synthetic_weights, backbone, weights
+from tests import synthetic_weights as _synthetic_weights
+from patchcore_jax._src.model import backbone
+from patchcore_jax._src.model import weights
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -227,8 +229,8 @@ def test_matches_live_torchvision_through_pth(arch, tmp_path):
 def test_densenet_config_runs_through_the_model(tmp_path):
     # The published ensemble's DenseNet taps (denseblock2: 512 channels, denseblock3: 1024 for
     # densenet121) through aggregation, coreset, scores and maps, on tiny images.
-    from patchcore_jax.config import PatchCoreConfig
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax._src.model.config import PatchCoreConfig
+    from patchcore_jax._src.api.patchcore import PatchCore
 
     path = tmp_path / "densenet121.safetensors"
     weights.save_safetensors(_synthetic_state("densenet121", 0), path)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from patchcore_jax import bank as bank_lib
-from patchcore_jax import coreset
+from patchcore_jax._src.stages import bank as bank_lib
+from patchcore_jax._src.stages import coreset
 from tests.helpers import gaussian
 
 

@@ -205,14 +205,14 @@ KILLED_PREDICT = """
 import os, sys
 from patchcore_jax import cli, model
 calls = {"n": 0}
-original = model.PatchCore._launch
+original = model.PatchCore.launch
 def launch_then_die(self, crops):
     calls["n"] += 1
     fetch = original(self, crops)
     if calls["n"] == 2:   # as kill -9, in the middle of the run: while the second batch is scored
         return lambda: os._exit(137)
     return fetch
-model.PatchCore._launch = launch_then_die
+model.PatchCore.launch = launch_then_die
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -231,8 +231,8 @@ def test_a_killed_predict_leaves_the_rows_it_scored(project, tmp_path):
 def test_hostile_files_are_named_before_any_work(project, tmp_path):
     from PIL import Image
 
-    from patchcore_jax import weights
-    from patchcore_jax.backbone import build
+    from patchcore_jax._src.model import weights
+    from patchcore_jax._src.model.backbone import build
 
     cases = {
         # A tiny 1 x 20000 file: at resize 72 it would become 72 x 1440000 pixels.

@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 
 import patchcore_jax
 import reference
-from patchcore_jax import clustered
+from patchcore_jax._src.stages.search import clustered
 from tests.helpers import assert_close, gaussian, x64
 
 _jit_search = jax.jit(patchcore_jax.search, static_argnames=("k", "query_block"))

@@ -1,7 +1,7 @@
 import pytest
 
-from patchcore_jax import backbone
-from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax._src.model import backbone
+from patchcore_jax._src.model.config import PatchCoreConfig
 
 
 @pytest.mark.parametrize("arch", sorted(backbone.ARCHITECTURES))

@@ -5,7 +5,7 @@ from hypothesis.extra import numpy as hnp
 
 import patchcore_jax
 import reference
-from patchcore_jax import coreset
+from patchcore_jax._src.stages import coreset
 from tests.helpers import both_ways, gaussian, oracle, x64
 
 
@@ -150,7 +150,7 @@ def test_bfloat16_store_keeps_the_radius_close():
 def test_repeated_calls_do_not_recompile():
     bank = gaussian(3, (64, 4)).astype(np.float32)
     proj = np.asarray(patchcore_jax.random_projection(0, 4, 2))
-    jitted = (coreset._run_steps, coreset._prepare, coreset._lazy_prepare, coreset._lazy_run)
+    jitted = (coreset.run_steps, coreset._prepare, coreset.lazy_prepare, coreset.lazy_run)
     patchcore_jax.greedy_coreset(bank, 8)
     patchcore_jax.greedy_coreset(bank, 8, projection=proj)
     sizes = [f._cache_size() for f in jitted]

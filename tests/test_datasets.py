@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from patchcore_jax import cli
-from patchcore_jax.data import datasets
+from patchcore_jax._src.app import cli
+from patchcore_jax._src.io.data import datasets as datasets
 from tests import dataset_trees
 
 SMALL = ["--backbone", "resnet18", "--neighbors", "3", "--quiet", "--heatmaps", "2"]

@@ -7,11 +7,12 @@ import warnings
 import numpy as np
 import pytest
 
-from patchcore_jax import cli, persistence
-from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax._src.app import cli
+from patchcore_jax._src.io import model_files as persistence
+from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax.data import make_synthetic
-from patchcore_jax.ensemble import PatchCoreEnsemble, combine_over_set
-from patchcore_jax.model import PatchCore
+from patchcore_jax._src.api.ensemble import PatchCoreEnsemble, combine_over_set
+from patchcore_jax._src.api.patchcore import PatchCore
 from tests import dataset_trees
 
 BASE = dict(resize=72, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3, batch_size=4)

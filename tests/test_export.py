@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from patchcore_jax import cli, export
-from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax._src.app import cli
+from patchcore_jax._src.io import export
+from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax.data import make_synthetic
-from patchcore_jax.model import PatchCore
+from patchcore_jax._src.api.patchcore import PatchCore
 from tests.helpers import assert_close
 
 from tests.helpers import SMALL

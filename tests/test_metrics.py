@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.metrics import roc_auc_score
 
-from patchcore_jax import metrics
+from patchcore_jax._src.stages import metrics
 
 
 @given(st.integers(2, 60).flatmap(lambda n: st.tuples(

@@ -5,11 +5,11 @@ import warnings
 import numpy as np
 import pytest
 
-from patchcore_jax import metrics
-from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax._src.stages import metrics
+from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax.data import make_synthetic
-from patchcore_jax.model import PatchCore
-from patchcore_jax.preprocess import preprocess_masks
+from patchcore_jax._src.api.patchcore import PatchCore
+from patchcore_jax._src.model.preprocess import preprocess_masks
 
 from tests.helpers import small_model
 
@@ -211,13 +211,13 @@ def test_fit_streams_its_bank_and_the_indexes_agree(data):
     """`fit` builds the bank through the streaming builder (full rows spilled, projected rows kept);
     it equals the in-memory coreset on the same features. The clustered index (the CPU default) and
     brute force give the same scores and maps."""
-    from patchcore_jax.model import _gather
+    from patchcore_jax._src.run.executor import gather
 
     model = small_model(search="brute")
     crops = [np.stack([model.prepare(x) for x in data["train"][i:i + 4]]) for i in range(0, 8, 4)]
     model.fit_crops(iter(crops))
-    features = _gather(np.asarray(model.embed_crops(c)).reshape(-1, 64) for c in crops)
-    np.testing.assert_array_equal(np.asarray(model.bank), model._subsample(features))
+    features = gather(np.asarray(model.embed_crops(c)).reshape(-1, 64) for c in crops)
+    np.testing.assert_array_equal(np.asarray(model.bank), model.executor.subsample(features))
     clustered = small_model(search="clustered").fit_crops(iter(crops))
     assert type(clustered.index).__name__ == "ClusteredIndex" and type(model.index).__name__ == "BankIndex"
     s_brute, m_brute = model.predict(data["test"])
@@ -257,7 +257,7 @@ def test_a_scoring_thread_error_reaches_the_caller_and_the_thread_stays_usable(f
 
     want, _ = fitted.predict(data["test"][:3])
     real_embed = fitted.embed_crops
-    monkeypatch.setattr(fitted, "embed_crops", lambda crops: real_embed(crops) * jnp.nan)
+    monkeypatch.setattr(fitted.executor, "embed", lambda crops: real_embed(crops) * jnp.nan)
     with pytest.raises(ValueError, match="NaN or infinite scores"):
         fitted.predict(data["test"][:3])
     monkeypatch.undo()

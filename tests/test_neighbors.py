@@ -6,7 +6,7 @@ from hypothesis.extra import numpy as hnp
 
 import patchcore_jax
 import reference
-from patchcore_jax import neighbors
+from patchcore_jax._src.stages.search import brute as neighbors
 from tests.helpers import assert_close, both_ways, gaussian, oracle, x64
 
 
@@ -86,9 +86,9 @@ def test_many_bank_blocks_and_prepared_index():
     got_d, got_i = patchcore_jax.search(index, queries, 2, query_block=128)
     np.testing.assert_array_equal(np.asarray(got_i), want_i)
     assert_close(got_d, want_d)
-    size = neighbors._search._cache_size()
+    size = neighbors.search_jit._cache_size()
     patchcore_jax.search(index, queries + 1, 2, query_block=128)
-    assert neighbors._search._cache_size() == size
+    assert neighbors.search_jit._cache_size() == size
 
 
 def test_approximate_jax_search_recall():

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from patchcore_jax import persistence, weights
-from patchcore_jax.backbone import build
+from patchcore_jax._src.io import atomic
+from patchcore_jax._src.io import model_files as persistence
+from patchcore_jax._src.model import weights
+from patchcore_jax._src.model.backbone import build
 from patchcore_jax.data import make_synthetic
-from patchcore_jax.model import PatchCore
-from patchcore_jax.persistence import ModelFileError
+from patchcore_jax._src.api.patchcore import PatchCore
+from patchcore_jax._src.io.model_files import ModelFileError
 from tests.helpers import quiet_model
 
 # layer2 only keeps the backbone file small (2.8 MB), so every check below is cheap.
@@ -187,8 +189,8 @@ def test_nan_threshold_and_other_versions(saved, tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["format_version"] = 3
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    manifest["manifest_sha256"] = persistence._sha256(persistence._canonical(body))
-    (path / "manifest.json").write_bytes(persistence._canonical(manifest))
+    manifest["manifest_sha256"] = atomic.sha256(atomic.canonical_json(body))
+    (path / "manifest.json").write_bytes(atomic.canonical_json(manifest))
     with pytest.raises(ModelFileError, match="newer than this library reads"):
         persistence.read_model_files(path)
 
@@ -247,7 +249,7 @@ def test_a_failure_at_any_step_keeps_a_complete_model_and_no_leftovers(data, tmp
 CRASH = textwrap.dedent("""
     import os, sys, warnings
     warnings.simplefilter("ignore")
-    from patchcore_jax import persistence
+    from patchcore_jax._src.io import model_files as persistence
     from patchcore_jax.config import PatchCoreConfig
     from patchcore_jax.data import make_synthetic
     from patchcore_jax.model import PatchCore
@@ -256,7 +258,7 @@ CRASH = textwrap.dedent("""
     model = PatchCore(cfg, progress=False).fit(make_synthetic(seed=3, n_train=4, n_test_good=2, n_test_defect=2,
                                                               size=80, margin=16)["train"])
     if not exchange:
-        persistence._exchange = lambda a, b: False
+        persistence.exchange = lambda a, b: False
     def crash(name):
         if name == step:
             os._exit(137)   # as kill -9: no cleanup runs
@@ -327,7 +329,7 @@ def test_files_and_folders_follow_the_umask(data, tmp_path, umask):
 def test_other_backbones_round_trip(data, tmp_path, arch):
     """The stored backbone (torchvision names and layouts) reads back exactly for grouped convolutions
     and dense blocks too."""
-    from patchcore_jax.backbone import layer_names
+    from patchcore_jax._src.model.backbone import layer_names
 
     model = tiny(backbone=arch, layers=layer_names(arch)[:1], crop=32, resize=32).fit(data["train"][:2])
     model.save(tmp_path / "m")

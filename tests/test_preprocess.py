@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, strategies as st
 from PIL import Image
 
-from patchcore_jax import preprocess
-from patchcore_jax.data import images as imio
+from patchcore_jax._src.model import preprocess
+from patchcore_jax._src.model import images as imio
 
 
 def _picture(seed, h, w):

@@ -16,10 +16,15 @@ import pytest
 from hypothesis import given, strategies as st
 from PIL import Image
 
-from patchcore_jax import cli, hub, metrics, preprocess, visualize, weights
-from patchcore_jax.backbone import build
+from patchcore_jax._src.app import cli
+from patchcore_jax._src.io import hub
+from patchcore_jax._src.stages import metrics
+from patchcore_jax._src.model import preprocess
+from patchcore_jax._src.app import visualize
+from patchcore_jax._src.model import weights
+from patchcore_jax._src.model.backbone import build
 from patchcore_jax.data import make_synthetic
-from patchcore_jax.model import PatchCore
+from patchcore_jax._src.api.patchcore import PatchCore
 from tests import dataset_trees
 from tests.helpers import small_model
 

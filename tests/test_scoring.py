@@ -97,14 +97,14 @@ def test_m_star_leads_its_neighbourhood_even_with_copies():
 
 
 def test_prepared_index_path_is_reused():
-    from patchcore_jax import scoring
+    from patchcore_jax._src.stages import scoring
 
     bank, feats = gaussian(0, (64, 8)).astype(np.float32), gaussian(1, (2, 16, 8)).astype(np.float32)
     index = patchcore_jax.build_index(bank)
     patchcore_jax.image_scores_from_index(index, feats)
-    size = scoring._image_scores._cache_size()
+    size = scoring.image_scores_unchecked._cache_size()
     patchcore_jax.image_scores_from_index(index, feats * 2)
-    assert scoring._image_scores._cache_size() == size
+    assert scoring.image_scores_unchecked._cache_size() == size
 
 
 @pytest.mark.parametrize("magnitude", [1e-25, 1e19, 1e30])

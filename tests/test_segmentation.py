@@ -49,7 +49,7 @@ def test_blur_keeps_the_mean_away_from_edges(backend):
 @pytest.mark.parametrize("sigma", [0.7, 4.0])
 def test_blur_matrix_equals_scipy_reflect(size, sigma):
     # Sizes below the 16-pixel radius need SciPy's repeated reflection at both ends.
-    from patchcore_jax import _linear_maps
+    from patchcore_jax._src.stages import linear_maps as _linear_maps
 
     want = scipy.ndimage.gaussian_filter1d(np.eye(size), sigma, axis=0, mode="reflect", truncate=4.0)
     np.testing.assert_allclose(_linear_maps.gaussian_matrix(size, sigma), want, atol=1e-15)

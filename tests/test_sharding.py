@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 from jax.sharding import PartitionSpec as P
 
 import patchcore_jax as pj
-from patchcore_jax import sharding
+from patchcore_jax._src.run import sharding
 from tests.helpers import assert_close, gaussian, x64
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
@@ -82,9 +82,9 @@ def test_bank_stays_sharded(mesh):
 
 
 def test_patchcore_with_a_mesh_matches_one_device(mesh):
-    from patchcore_jax.config import PatchCoreConfig
+    from patchcore_jax._src.model.config import PatchCoreConfig
     from patchcore_jax.data import make_synthetic
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax._src.api.patchcore import PatchCore
 
     data = make_synthetic(seed=3, n_train=5, n_test_good=2, n_test_defect=3, size=80, margin=16)
     cfg = PatchCoreConfig(backbone="resnet18", resize=64, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3,

@@ -31,17 +31,16 @@ saved with `to_arrays` / `from_arrays`. Single device: a sharded bank uses `shar
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import os
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchcore_jax import neighbors
-from patchcore_jax import _checks
+from patchcore_jax._src.stages import checks
+from patchcore_jax._src.stages.search import brute as neighbors
+from patchcore_jax._src.stages.search import common
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NO_ID = np.iinfo(np.int32).max  # the id of padding slots: sorts after every real id
@@ -115,20 +114,29 @@ class ClusteredIndex:
                 raise ValueError(f"arrays[{name!r}]: expected shape {shape}, got {np.asarray(arrays[name]).shape}")
         return cls(**{n: jax.device_put(np.asarray(arrays[n])) for n in names[:8]}, size=size, leaf_size=leaf)
 
-    # The duck-typed interface that `neighbors` and `scoring` use for any index.
-    def _search(self, queries, *, k, query_block=None):
+    # The index protocol (`search.common`): what `search.index` and `scoring` call on any index.
+    def search_traced(self, queries, *, k, query_block=None):
         return _search(self, queries, k=k, chunk=_CHUNK)
 
-    def _bank_rows(self, idx):
+    def bank_rows(self, idx):
         slot = self.slots[idx]
         point = self.centroids[slot // self.leaf_size] + self.rows[slot]
-        return neighbors._scale(point, -self.log2_scale) + self.centre
+        return common.scale_pow2(point, -self.log2_scale) + self.centre
 
-    def _distances_to(self, centred_queries, idx):
-        q, g = neighbors._scaled_queries(centred_queries, self.log2_scale)
+    def distances_to(self, centred_queries, idx):
+        q, g = common.scaled_queries(centred_queries, self.log2_scale)
         slot = self.slots[idx]
         sq = _local_sq(q, g, self.centroids[slot // self.leaf_size], self.rows[slot])
-        return neighbors._unscale_distances(sq, g, self.log2_scale)
+        return common.unscale_distances(sq, g, self.log2_scale)
+
+    def host_parts(self, queries) -> int:
+        """How many host threads share a search of `queries` `(Q, D)` (1: one call, as inside a trace,
+        off a CPU, or for fewer than 2 x 512 queries); see `search.common.in_parts`."""
+        if any(isinstance(a, jax.core.Tracer) for a in (self.rows, queries)):
+            return 1
+        if any(d.platform != "cpu" for d in self.rows.devices()):
+            return 1
+        return max(1, min(common.cpu_cores(), queries.shape[0] // common.MIN_PART))
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -168,9 +176,9 @@ def _split(members: np.ndarray, x: np.ndarray, leaf_size: int, out: list) -> Non
 def build_clustered_index(bank, *, leaf_size: int = 128, iterations: int = 10, seed: int = 0) -> ClusteredIndex:
     """Partitions `bank` `(N, D)` into leaves of at most `leaf_size` rows for `search` (built once, at
     fit; the k-means runs on the host, seeded by `seed`, so the index is reproducible)."""
-    n, d = _checks.check_array("bank", bank, ndim=2)
-    leaf_size = _checks.check_int("leaf_size", leaf_size, low=1)
-    iterations = _checks.check_int("iterations", iterations, low=0)
+    n, d = checks.check_array("bank", bank, ndim=2)
+    leaf_size = checks.check_int("leaf_size", leaf_size, low=1)
+    iterations = checks.check_int("iterations", iterations, low=0)
     base = neighbors.build_index(bank, block=n)  # the same centring and scaling as brute force
     x = np.asarray(jax.device_get(base.rows))[:n]  # explicitly to the host: the k-means runs there
     rng = np.random.default_rng(seed)
@@ -222,8 +230,8 @@ _CHUNK = 64
 def _local_sq(q, g, centroids, local_rows):
     """Exact squared distances (per-query units) by differences: `(qb, D)` queries against stored
     points `centroid + local row` given as `(qb, c, D)` each."""
-    return jnp.sum(jnp.square((q[:, None, :] - neighbors._scale(centroids, -g[:, None, None]))
-                              - neighbors._scale(local_rows, -g[:, None, None])), axis=-1)
+    return jnp.sum(jnp.square((q[:, None, :] - common.scale_pow2(centroids, -g[:, None, None]))
+                              - common.scale_pow2(local_rows, -g[:, None, None])), axis=-1)
 
 
 def _visit(need, q_pad, w_pad, index, keys, slots, *, chunk):
@@ -235,7 +243,7 @@ def _visit(need, q_pad, w_pad, index, keys, slots, *, chunk):
     rows3 = index.rows.reshape(num_leaves, leaf_size, dim)
     norms2 = index.sq_norms.reshape(num_leaves, leaf_size)
     kc = keys.shape[1]
-    gamma = neighbors._gamma(dim, index.rows.dtype)
+    gamma = common.gamma(dim, index.rows.dtype)
     # Work lists: lists[l] holds the queries that need leaf l, first counts[l] places, then Q.
     pos = jnp.cumsum(need, axis=0, dtype=jnp.int32) - 1
     pos = jnp.where(need, pos, num_q + chunk)  # out of range: dropped
@@ -260,7 +268,7 @@ def _visit(need, q_pad, w_pad, index, keys, slots, *, chunk):
         err = 3.0 * gamma * jnp.square(jnp.sqrt(u_sq) + w * index.radii[leaf])
         new = new - err[:, None]
         new_slots = jnp.broadcast_to(leaf * leaf_size + jnp.arange(leaf_size, dtype=jnp.int32), new.shape)
-        k, s = neighbors._merge_topk(keys[qi], slots[qi], new, new_slots, kc)
+        k, s = common.merge_topk(keys[qi], slots[qi], new, new_slots, kc)
         return t + 1, keys.at[qi].set(k), slots.at[qi].set(s)
 
     _, keys, slots = jax.lax.while_loop(lambda s: s[0] < ends[-1], body, (jnp.int32(0), keys, slots))
@@ -279,7 +287,7 @@ def _exact_one(index, qi, gi, k):
     """One query against every slot by exact differences; k smallest by (distance, bank index)."""
     num_leaves, leaf_size = index.num_leaves, index.leaf_size
     rows3 = index.rows.reshape(num_leaves, leaf_size, -1)
-    diff = (qi - neighbors._scale(index.centroids, -gi))[:, None, :] - neighbors._scale(rows3, -gi)
+    diff = (qi - common.scale_pow2(index.centroids, -gi))[:, None, :] - common.scale_pow2(rows3, -gi)
     sq = jnp.where(jnp.isinf(index.sq_norms), jnp.inf, jnp.sum(jnp.square(diff), axis=-1).reshape(-1))
     sq, ids = jax.lax.sort((sq, index.ids), num_keys=2)
     return sq[:k], ids[:k]
@@ -293,12 +301,12 @@ def _search(index: ClusteredIndex, queries, *, k, chunk=_CHUNK):
 def _search_impl(index: ClusteredIndex, queries, *, k, chunk):
     """-> (distances (Q, k), bank indices (Q, k), leaves visited per query (Q,))."""
     dtype = index.rows.dtype
-    q, g = neighbors._scaled_queries(queries.astype(dtype) - index.centre, index.log2_scale)
-    w = neighbors._rank_weight(g, dtype)
+    q, g = common.scaled_queries(queries.astype(dtype) - index.centre, index.log2_scale)
+    w = common.rank_weight(g, dtype)
     num_q, dim = q.shape
     kc = min(k + _RERANK_MARGIN, index.size)
     num_leaves = index.num_leaves
-    gamma = neighbors._gamma(dim, dtype)
+    gamma = common.gamma(dim, dtype)
     max_radius = jnp.max(index.radii)
 
     # Lower bounds per (query, leaf): ||q - c|| by the norm expansion (global coordinates), less its
@@ -306,7 +314,7 @@ def _search_impl(index: ClusteredIndex, queries, *, k, chunk):
     c_norms = jnp.sum(jnp.square(index.centroids), axis=1)
     q_sq = jnp.sum(jnp.square(q), axis=1)
     c_err = 3.0 * gamma * jnp.square(jnp.sqrt(q_sq) + w * jnp.sqrt(jnp.max(c_norms)))
-    c_sq = q_sq[:, None] + w[:, None] * neighbors._rank_keys(q, w, index.centroids, c_norms)
+    c_sq = q_sq[:, None] + w[:, None] * common.rank_keys(q, w, index.centroids, c_norms)
     lower = jnp.maximum(jnp.sqrt(jnp.maximum(c_sq - c_err[:, None], 0.0)) - w[:, None] * index.radii, 0.0)
     real_leaf = index.radii >= 0  # empty (padding) leaves are never visited
     lower = jnp.where(real_leaf[None, :], lower, jnp.inf)
@@ -349,49 +357,10 @@ def _search_impl(index: ClusteredIndex, queries, *, k, chunk):
     ok = (bar < keys[:, -1]) & (bar < pruned)
 
     # Uncertified queries (rare: near-ties within float32's error) are searched by exact differences.
-    sq, ids = neighbors._fix_uncertified(ok, sq, ids, lambda i: _exact_one(index, q[i], g[i], k))
+    sq, ids = common.fix_uncertified(ok, sq, ids, lambda i: _exact_one(index, q[i], g[i], k))
     ids = jnp.where(ids == _NO_ID, -1, ids)
-    return neighbors._unscale_distances(sq, g, index.log2_scale), ids, jnp.sum(need | first, axis=1)
+    return common.unscale_distances(sq, g, index.log2_scale), ids, jnp.sum(need | first, axis=1)
 
-
-# -- host threads -------------------------------------------------------------------------------
-# The visits are one `lax.while_loop` of small products, and XLA runs a loop on one CPU core. On a CPU
-# device a search of many queries is therefore split into parts searched from as many host threads as
-# the process has cores (XLA runs programs from different threads at once), the way faiss spreads its
-# queries over OpenMP threads. Each query's result does not depend on the others, so the parts give
-# the same results, bit for bit, as one call. Accelerators run one call: their loops are not bound to
-# one core.
-_MIN_PART = 512  # queries per thread at least; smaller searches run in one call
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def host_parts(index, queries) -> int:
-    """How many host threads share a search of `queries` `(Q, D)` of `index` (1: one call, as inside a
-    trace, off a CPU, or for fewer than 2 x 512 queries)."""
-    if not isinstance(index, ClusteredIndex) or any(isinstance(a, jax.core.Tracer) for a in (index.rows, queries)):
-        return 1
-    if any(d.platform != "cpu" for d in index.rows.devices()):
-        return 1
-    return max(1, min(_cores(), queries.shape[0] // _MIN_PART))
-
-
-def in_parts(fn, parts: int, *arrays):
-    """`fn(*arrays)` computed on `parts` contiguous slices of the leading axis from as many threads,
-    the outputs (a pytree of arrays with that leading axis) concatenated."""
-    if parts <= 1:
-        return fn(*arrays)
-    n = arrays[0].shape[0]
-    bounds = [n * i // parts for i in range(parts + 1)]
-    with concurrent.futures.ThreadPoolExecutor(parts) as pool:
-        outs = list(pool.map(lambda i: jax.block_until_ready(fn(*(a[bounds[i] : bounds[i + 1]] for a in arrays))),
-                             range(parts)))
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
 def visited_fraction(index: ClusteredIndex, queries, k: int = 1) -> float:

@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchcore_jax import _checks
+from patchcore_jax._src.stages import checks
+from patchcore_jax._src.stages.search import common
+from patchcore_jax._src.stages.search.index import search
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -59,15 +61,34 @@ class BankIndex:
     block: int = flax.struct.field(pytree_node=False)
     log2_scale: jax.Array | int = 0
 
+    # The index protocol (`search.common`): what `search.index` and `scoring` call on any index.
+    def search_traced(self, queries, *, k, query_block=256):
+        """Traceable exact search of `(Q, D)` queries (`search` without the checks)."""
+        return search_jit(self, queries, k=k, query_block=query_block)
+
+    def bank_rows(self, idx):
+        """Bank rows `idx` in the bank's units, as stored (centred, scaled, then scaled back)."""
+        return common.scale_pow2(self.rows[idx], -self.log2_scale) + self.centre
+
+    def distances_to(self, centred_queries, idx):
+        """Exact distances, in the bank's units, from `(b, D)` queries minus `centre` to the rows `idx`
+        `(b, m)`: the same arithmetic as the search's, so values agree with it bit for bit."""
+        q, g = common.scaled_queries(centred_queries, self.log2_scale)
+        return common.unscale_distances(common.exact_sq(q, g, self.rows[idx]), g, self.log2_scale)
+
+    def host_parts(self, queries) -> int:
+        """Brute force is one matrix product per block: one call uses every core already."""
+        return 1
+
 
 def build_index(bank: jax.Array, *, block: int = 2048) -> BankIndex:
     """Prepares `bank` `(N, D)` for `search`: centred, scaled, padded to blocks, squared norms cached."""
-    n, _ = _checks.check_array("bank", bank, ndim=2)
-    block = _checks.check_int("block", block, low=1)
-    if _checks.is_host_data(bank):
+    n, _ = checks.check_array("bank", bank, ndim=2)
+    block = checks.check_int("block", block, low=1)
+    if checks.is_host_data(bank):
         _check_representable(np.asarray(bank))
         bank = jax.device_put(np.asarray(bank))
-    return _build_index(bank, block=min(block, n))
+    return build_index_jit(bank, block=min(block, n))
 
 
 def _check_representable(bank: np.ndarray) -> None:
@@ -84,28 +105,16 @@ def _check_representable(bank: np.ndarray) -> None:
                          "rescale the features or pass float64 with jax_enable_x64")
 
 
-def _exponent(x):
-    """`e` with `x = m * 2**e`, `m` in [0.5, 1) (0 for x = 0): the binary exponent, exactly."""
-    return jnp.frexp(x)[1]
-
-
-def _scale(x, e):
-    """`x * 2**e` exactly for integer `e` (broadcast), in two steps so that `2**e` itself need not be
-    representable (|e| up to ~250 covers every float32 ratio)."""
-    half = e // 2
-    one = jnp.ones((), x.dtype)
-    return x * jnp.ldexp(one, half) * jnp.ldexp(one, e - half)
-
 
 def _centre_and_scale(bank, real=None):
     """The bank mean (computed on a power-of-two-scaled copy, so the sum cannot overflow) and the
     exponent that brings the centred rows' largest entry into [0.5, 1). `real`: a row mask or None."""
     n = bank.shape[0] if real is None else jnp.sum(real)
     masked = bank if real is None else jnp.where(real[:, None], bank, 0.0)
-    e0 = -_exponent(jnp.max(jnp.abs(masked)))
-    centre = _scale(jnp.sum(_scale(masked, e0), axis=0) / n, -e0)
+    e0 = -common.exponent(jnp.max(jnp.abs(masked)))
+    centre = common.scale_pow2(jnp.sum(common.scale_pow2(masked, e0), axis=0) / n, -e0)
     centred = masked - centre if real is None else jnp.where(real[:, None], bank - centre, 0.0)
-    return centre, -_exponent(jnp.max(jnp.abs(centred))).astype(jnp.int32)
+    return centre, -common.exponent(jnp.max(jnp.abs(centred))).astype(jnp.int32)
 
 
 def prepare_index(bank, *, block, n_real=None) -> BankIndex:
@@ -113,7 +122,7 @@ def prepare_index(bank, *, block, n_real=None) -> BankIndex:
 
     Rows from `n_real` on are padding the caller added (a mesh's whole shards,
     `sharding.build_index`): they are left out of the centre and never rank. One device runs this
-    under `_build_index`, a mesh under its own jit: the same index in both.
+    under `build_index_jit`, a mesh under its own jit: the same index in both.
     """
     bank = bank if jnp.issubdtype(bank.dtype, jnp.floating) else bank.astype(jnp.float32)
     n_rows = bank.shape[0]
@@ -122,22 +131,14 @@ def prepare_index(bank, *, block, n_real=None) -> BankIndex:
     centre, log2_scale = _centre_and_scale(bank, real)
     centred = bank - centre if real is None else jnp.where(real[:, None], bank - centre, 0.0)
     n_pad = -(-n_rows // block) * block
-    rows = jnp.pad(_scale(centred, log2_scale), ((0, n_pad - n_rows), (0, 0)))
+    rows = jnp.pad(common.scale_pow2(centred, log2_scale), ((0, n_pad - n_rows), (0, 0)))
     sq = jnp.sum(jnp.square(rows), axis=1)
     sq = jnp.where(jnp.arange(n_pad) < n, sq, jnp.inf)
     return BankIndex(rows=rows, sq_norms=sq, centre=centre, size=n, block=block, log2_scale=log2_scale)
 
 
-_build_index = jax.jit(prepare_index, static_argnames=("block", "n_real"))
+build_index_jit = jax.jit(prepare_index, static_argnames=("block", "n_real"))
 
-
-def _merge_topk(best_d, best_i, new_d, new_i, k):
-    """Keeps the k smallest of two candidate lists; on equal distances the earlier list (lower bank
-    indices) wins, because `lax.top_k` is stable."""
-    d = jnp.concatenate([best_d, new_d], axis=1)
-    i = jnp.concatenate([best_i, new_i], axis=1)
-    neg, pos = jax.lax.top_k(-d, k)
-    return -neg, jnp.take_along_axis(i, pos, axis=1)
 
 
 # Candidates kept beyond k for the exact re-ranking. The certificate below decides whether they were
@@ -147,97 +148,15 @@ def _merge_topk(best_d, best_i, new_d, new_i, k):
 # distance), 3 extra candidates left 8.3% of the queries uncertified and made the search 3 times slower;
 # 15 leave none (0 of 2048; 7 left 11), at 13% more time where 3 were enough.
 _RERANK_MARGIN = 15
-_RANK_SCALE_FLOOR = -126  # the ranking's per-query weight 2**-g stays a normal float32
 
-
-# -- the pieces every exact search shares (the brute-force and the clustered index) ---------------
-def _scaled_queries(centred, log2_scale):
-    """Centred queries (bank units) -> `(q, g)`: `q = centred * 2**(log2_scale - g)` with its largest
-    entry below 2, where `g >= 0` is the extra per-query exponent of a query far outside the bank."""
-    e_q = _exponent(jnp.max(jnp.abs(centred), axis=1))
-    g = jnp.maximum(e_q + log2_scale - 1, 0).astype(jnp.int32)
-    return _scale(centred, (log2_scale - g)[:, None]), g
-
-
-def _rank_weight(g, dtype):
-    return jnp.ldexp(jnp.ones((), dtype), jnp.maximum(-g, _RANK_SCALE_FLOOR))
-
-
-def _rank_keys(q, w, rows, norms):
-    """`(||b||^2 * 2**-g - 2 q.b)`: the squared distance up to a per-query constant and scale."""
-    return norms[None, :] * w[:, None] - 2.0 * jnp.dot(q, rows.T, precision=_HIGHEST)
-
-
-def _gamma(dim, dtype):
-    """The worst-case relative error of a `dim`-term dot product (Higham's gamma_n), with room for
-    the few roundings around it."""
-    return (dim + 4) * jnp.finfo(dtype).eps / 2
-
-
-def _rank_lower_bounds(q, w, rows, norms, q_norm, gamma):
-    """Lower bounds of `_rank_keys`: each key less its worst-case error `gamma (w ||b||^2 + 2 ||q|| ||b||)`
-    (doubled, which also covers the few roundings of forming it). Padding (infinite norm) stays inf."""
-    finite = jnp.isfinite(norms)
-    b_norm = jnp.sqrt(jnp.where(finite, norms, 0.0))
-    keys = (norms[None, :] * (w * (1.0 - 2.0 * gamma))[:, None] - 2.0 * jnp.dot(q, rows.T, precision=_HIGHEST)
-            - (4.0 * gamma * q_norm)[:, None] * b_norm[None, :])
-    return jnp.where(finite[None, :], keys, jnp.inf)
-
-
-def _exact_sq(q, g, cand_rows):
-    """`||q - b * 2**-g||^2` for candidates `(qb, c, D)`: differences, so no cancellation."""
-    return jnp.sum(jnp.square(q[:, None, :] - _scale(cand_rows, -g[:, None, None])), axis=-1)
-
-
-def _certified(q, w, lower_last, dk_sq, gamma):
-    """True where no row outside the candidates can be nearer than the k-th candidate.
-
-    A row outside the candidates has a key lower bound of at least `lower_last`, so its squared
-    distance (per-query units) is at least `||q||^2 + w * lower_last`; the k-th exact squared distance
-    must lie below that, with room for the rounding of both sides (`||q||^2` and the exact distance
-    carry at most `gamma` relative error each, doubled for the sums here).
-    """
-    q_sq = jnp.sum(jnp.square(q), axis=1)
-    return dk_sq * (1.0 + 2.0 * gamma) < q_sq * (1.0 - 2.0 * gamma) + w * lower_last
-
-
-def _unscale_distances(sq, g, log2_scale):
-    """Per-query squared distances in scaled units -> distances in the bank's units."""
-    return _scale(jnp.sqrt(sq), g[:, None] - log2_scale)
-
-
-def _exact_pass(q, g, rows, valid, ids, k, block):
-    """The fallback for one query: exact squared distances by differences to every row (bank block
-    by bank block), then the k smallest; `valid` masks padding. `ids` must ascend, so the stable
-    top-k sends ties to the lower id."""
-    n_blocks = rows.shape[0] // block
-    blocks = rows.reshape(n_blocks, block, -1)
-    sq = jax.lax.map(lambda b_rows: jnp.sum(jnp.square(q[None, :] - _scale(b_rows, -g)), axis=1), blocks)
-    neg, pos = jax.lax.top_k(-jnp.where(valid, sq.reshape(-1), jnp.inf), k)
-    return -neg, ids[pos]
-
-
-def _fix_uncertified(ok, sq, idx, one_query):
-    """Replaces the results of the queries not certified by `one_query(i) -> (sq (k,), idx (k,))`,
-    one query at a time (a while loop: certified queries cost nothing)."""
-    def body(state):
-        ok, sq, idx = state
-        i = jnp.argmin(ok)
-        s, j = one_query(i)
-        return ok.at[i].set(True), sq.at[i].set(s), idx.at[i].set(j)
-
-    _, sq, idx = jax.lax.while_loop(lambda s: ~jnp.all(s[0]), body, (ok, sq, idx))
-    return sq, idx
-
-
-def _search_block(queries, index: BankIndex, k_out: int):
+def search_block(queries, index: BankIndex, k_out: int):
     """`(qb, D)` queries minus `index.centre` -> the k nearest rows: `(distances (qb, k_out) in the
     bank's units, indices)`. Ranks by lower bounds of the norm expansion, re-ranks `k_out + 15`
     candidates by exact distance and certifies them; an uncertified query takes the exact pass."""
     k = min(k_out + _RERANK_MARGIN, index.size)
-    q, g = _scaled_queries(queries, index.log2_scale)
-    w = _rank_weight(g, q.dtype)
-    gamma = _gamma(q.shape[1], q.dtype)
+    q, g = common.scaled_queries(queries, index.log2_scale)
+    w = common.rank_weight(g, q.dtype)
+    gamma = common.gamma(q.shape[1], q.dtype)
     q_norm = jnp.sqrt(jnp.sum(jnp.square(q), axis=1))
     n_blocks = index.rows.shape[0] // index.block
     rows = index.rows.reshape(n_blocks, index.block, -1)
@@ -246,9 +165,9 @@ def _search_block(queries, index: BankIndex, k_out: int):
     def scan_body(carry, inputs):
         best_d, best_i = carry
         b_rows, b_norms, offset = inputs
-        keys = _rank_lower_bounds(q, w, b_rows, b_norms, q_norm, gamma)
+        keys = common.rank_lower_bounds(q, w, b_rows, b_norms, q_norm, gamma)
         new_neg, new_pos = jax.lax.top_k(-keys, min(k, index.block))
-        return _merge_topk(best_d, best_i, -new_neg, new_pos.astype(jnp.int32) + offset, k), None
+        return common.merge_topk(best_d, best_i, -new_neg, new_pos.astype(jnp.int32) + offset, k), None
 
     init = (jnp.full((q.shape[0], k), jnp.inf, q.dtype), jnp.full((q.shape[0], k), -1, jnp.int32))
     offsets = jnp.arange(n_blocks, dtype=jnp.int32) * index.block
@@ -256,44 +175,17 @@ def _search_block(queries, index: BankIndex, k_out: int):
     # Padding rows (infinite norm) and unfilled slots (-1) only surface when a shard of a sharded bank
     # holds fewer real rows than k; they sort last.
     pad = (idx < 0) | jnp.isinf(index.sq_norms[jnp.maximum(idx, 0)])
-    sq = jnp.where(pad, jnp.inf, _exact_sq(q, g, index.rows[jnp.maximum(idx, 0)]))
+    sq = jnp.where(pad, jnp.inf, common.exact_sq(q, g, index.rows[jnp.maximum(idx, 0)]))
     # DECISION: the final order is by exact distance, ties to the lower index.
     sq, idx = jax.lax.sort((sq, idx), dimension=1, num_keys=2)
     sq, idx = sq[:, :k_out], idx[:, :k_out]
     valid = ~jnp.isinf(index.sq_norms)
-    ok = (k >= jnp.sum(valid)) | _certified(q, w, lower[:, -1], sq[:, k_out - 1], gamma)
+    ok = (k >= jnp.sum(valid)) | common.certified(q, w, lower[:, -1], sq[:, k_out - 1], gamma)
     ids = jnp.arange(index.rows.shape[0], dtype=jnp.int32)
-    sq, idx = _fix_uncertified(
-        ok, sq, idx, lambda i: _exact_pass(q[i], g[i], index.rows, valid, ids, k_out, index.block))
+    sq, idx = common.fix_uncertified(
+        ok, sq, idx, lambda i: common.exact_pass(q[i], g[i], index.rows, valid, ids, k_out, index.block))
     idx = jnp.where(jnp.isinf(sq), -1, idx)
-    return _unscale_distances(sq, g, index.log2_scale), idx
-
-
-# -- the common entry points for any prepared index ----------------------------------------------
-# A prepared index is a `BankIndex` (brute force) or any index with the same duck-typed methods
-# (`clustered.ClusteredIndex`): `_search(queries, k=, query_block=)`, `_bank_rows(idx)` and
-# `_distances_to(centred_queries, idx)`, plus `centre`, `size` and `rows` (for dtype and width).
-def _bank_rows(index, idx):
-    """Bank rows `idx` in the bank's units, as stored (centred, scaled, then scaled back)."""
-    if not isinstance(index, BankIndex):
-        return index._bank_rows(idx)
-    return _scale(index.rows[idx], -index.log2_scale) + index.centre
-
-
-def _distances_to(index, queries, idx):
-    """Exact distances, in the bank's units, from `(b, D)` queries minus `index.centre` to the rows
-    `idx` `(b, m)`: the same arithmetic as the search's, so values agree with it bit for bit."""
-    if not isinstance(index, BankIndex):
-        return index._distances_to(queries, idx)
-    q, g = _scaled_queries(queries, index.log2_scale)
-    return _unscale_distances(_exact_sq(q, g, index.rows[idx]), g, index.log2_scale)
-
-
-def _search_any(index, queries, *, k, query_block):
-    """Traceable exact search of any prepared index (`search` without the checks)."""
-    if isinstance(index, BankIndex):
-        return _search(index, queries, k=k, query_block=query_block)
-    return index._search(queries, k=k, query_block=query_block)
+    return common.unscale_distances(sq, g, index.log2_scale), idx
 
 
 def query_blocks(index: BankIndex, queries, query_block: int):
@@ -305,36 +197,12 @@ def query_blocks(index: BankIndex, queries, query_block: int):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "query_block"))
-def _search(index: BankIndex, queries, *, k, query_block):
+def search_jit(index: BankIndex, queries, *, k, query_block):
     q = queries.shape[0]
     blocks = query_blocks(index, queries, query_block)
-    dist, idx = jax.lax.map(lambda qb: _search_block(qb, index, k), blocks)
+    dist, idx = jax.lax.map(lambda qb: search_block(qb, index, k), blocks)
     q_pad = blocks.shape[0] * query_block
     return dist.reshape(q_pad, k)[:q], idx.reshape(q_pad, k)[:q]
-
-
-def search(index, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> tuple[jax.Array, jax.Array]:
-    """Exact k nearest rows of a prepared bank; shapes and meaning as `nearest_neighbors`.
-
-    `index`: a `BankIndex` (`build_index`, brute force) or a `clustered.ClusteredIndex`
-    (`build_clustered_index`, prunes); both give the same rows.
-
-    A query whose difference from the bank mean overflows the dtype, or whose nearest distance does,
-    gets inf or NaN distances (never a finite wrong one); check `jnp.isfinite` on the host if such
-    inputs can occur. Nothing is checked on the device here, so nothing waits for a transfer, except
-    that a clustered index on a CPU searches 512 or more queries per core from as many host threads
-    (`clustered.host_parts`) and returns when they are done; the results are the same bit for bit.
-    """
-    _checks.check_width("queries", queries, "Q", index.rows.shape[1], "the bank")
-    k = _checks.check_int("k", k, low=1, high=index.size)
-    query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])
-    queries = jnp.asarray(queries)
-    if isinstance(index, BankIndex):
-        return _search(index, queries, k=k, query_block=query_block)
-    from patchcore_jax import clustered  # the index that prunes: host threads on a CPU
-
-    return clustered.in_parts(lambda part: index._search(part, k=k, query_block=query_block),
-                              clustered.host_parts(index, queries), queries)
 
 
 def nearest_neighbors(bank: jax.Array, queries: jax.Array, k: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -346,7 +214,7 @@ def nearest_neighbors(bank: jax.Array, queries: jax.Array, k: int = 1) -> tuple[
       distances `(Q, k)`, Euclidean (not squared), ascending; indices `(Q, k)` int32, ties to the
       lower bank index. For repeated searches of one bank, `build_index` once and call `search`.
     """
-    _checks.check_search_args(bank, queries, k)
+    checks.check_search_args(bank, queries, k)
     return search(build_index(bank), queries, k)
 
 
@@ -377,9 +245,9 @@ def approximate_nearest_neighbors(
     Shapes as `nearest_neighbors`; distances of the returned rows are exact. Memory is
     `query_block x N` per step.
     """
-    _, k = _checks.check_search_args(bank, queries, k)
+    _, k = checks.check_search_args(bank, queries, k)
     if not 0.0 < recall_target <= 1.0:
         raise ValueError(f"recall_target: expected a value in (0, 1], got {recall_target}")
-    query_block = min(_checks.check_int("query_block", query_block, low=1), queries.shape[0])
+    query_block = min(checks.check_int("query_block", query_block, low=1), queries.shape[0])
     bank = jnp.asarray(bank)
     return _approximate(bank, jnp.asarray(queries, bank.dtype), k=k, query_block=query_block, recall_target=float(recall_target))

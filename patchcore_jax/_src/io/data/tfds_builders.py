@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from patchcore_jax.data import datasets
+from patchcore_jax._src.io.data import datasets as datasets
 
 RESIZE = 256
 

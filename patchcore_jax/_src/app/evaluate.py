@@ -24,13 +24,15 @@ from typing import Callable
 
 import numpy as np
 
-from patchcore_jax import metrics, preprocess, visualize
-from patchcore_jax.config import PatchCoreConfig
-from patchcore_jax.data import datasets
-from patchcore_jax.data.images import display
-from patchcore_jax.outputs import OutputDir
+from patchcore_jax._src.stages import metrics
+from patchcore_jax._src.stages.metrics import METRICS
+from patchcore_jax._src.model import preprocess
+from patchcore_jax._src.app import visualize
+from patchcore_jax._src.model.config import PatchCoreConfig
+from patchcore_jax._src.io.data import datasets as datasets
+from patchcore_jax._src.model.images import display
+from patchcore_jax._src.io.outputs import OutputDir
 
-METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 SOURCES = ("folder", "tfds")
 
 
@@ -66,14 +68,14 @@ def _score_set(model, images, meta: list[dict]) -> tuple[np.ndarray, np.ndarray]
     """Scores and maps of a whole test set. One model: its predictions. An ensemble: each member's raw
     scores and maps, combined over the set as the published evaluation does (`combine_over_set`).
     Each record in `meta` (filled as `images` is consumed) gets its `prediction`."""
-    from patchcore_jax.detector import Prediction
-    from patchcore_jax.ensemble import combine_over_set
+    from patchcore_jax._src.model.detector import Prediction
+    from patchcore_jax._src.api.ensemble import combine_over_set
 
     if not hasattr(model, "members"):
         preds = list(model.predict_iter(images))
     else:
         crops, sizes, parts = [], [], [[] for _ in model.members]
-        for _, batch, batch_sizes in model._crop_batches(images):
+        for _, batch, batch_sizes in model.crop_batches(images):
             for j, (s, m) in enumerate(model.member_scores(batch)):
                 parts[j].append((s, m))
             crops += list(batch)
@@ -126,7 +128,7 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
         "scores": [{"name": r["name"], "kind": r["kind"], "label": int(r["label"]), "score": float(s)}
                    for r, s in zip(meta, scores)],
     }
-    from patchcore_jax.detector import Threshold
+    from patchcore_jax._src.model.detector import Threshold
 
     if image_f1 is not None:
         model.image_threshold = Threshold(image_f1["threshold"], "F1-optimal on the evaluated test set")
@@ -154,15 +156,15 @@ def _read_previous(path: str) -> dict | None:
 
 
 def evaluate(dataset: str, root: str, config, *, out: str, categories=None, source: str = "folder",
-             tfds_dir: str | None = None, heatmaps: int = 4, mask_rule: str = "published", progress: bool = True,
+             tfds_dir: str | None = None, heatmaps: int = 4, mask_rule: str = "published", progress=None,
              log: Callable[[str], None] = lambda message: None) -> dict:
     """Runs the protocol and writes `out/` (see the module docstring); returns the report.
 
     `config` is a `PatchCoreConfig`, or a list of them for an ensemble, used as given (see
     `protocol_config` for the data set's geometry). `log` receives one line per category.
     """
-    from patchcore_jax.ensemble import PatchCoreEnsemble
-    from patchcore_jax.model import PatchCore
+    from patchcore_jax._src.api.ensemble import PatchCoreEnsemble
+    from patchcore_jax._src.api.patchcore import PatchCore
 
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs or not all(isinstance(c, PatchCoreConfig) for c in configs):
@@ -178,7 +180,7 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
     if isinstance(heatmaps, bool) or not isinstance(heatmaps, int) or heatmaps < 0:
         raise ValueError(f"heatmaps: expected an integer >= 0, got {heatmaps!r}")
     if source == "tfds":
-        from patchcore_jax.data import tfds_builders
+        from patchcore_jax._src.io.data import tfds_builders as tfds_builders
 
         if config.resize != tfds_builders.RESIZE:
             raise ValueError(f"resize {config.resize}: TFDS preparations are stored at {tfds_builders.RESIZE}; "
@@ -204,7 +206,7 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
                 f"({display(outdir.path(rel))})")
             continue
         if source == "tfds":
-            from patchcore_jax.data import tfds_builders
+            from patchcore_jax._src.io.data import tfds_builders as tfds_builders
 
             splits = tfds_builders.prepared_splits(dataset, cat.name, root=root,
                                                    data_dir=tfds_dir or outdir.path("tfds"))

@@ -18,9 +18,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchcore_jax import _checks
+from patchcore_jax._src.stages import checks as _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def coreset_size(num_rows: int, fraction: float) -> int:
+    """The one rule for the coreset's size: `max(1, int(N * fraction))` rows of `N`; a fraction of
+    1 (or more) keeps every row. The model, the streaming builder and the diagnostics all use it."""
+    return int(num_rows) if fraction >= 1 else max(1, int(num_rows * fraction))
+
+
+def start_points(seed: int, num_rows: int, num_starts: int) -> tuple[int, ...]:
+    """The one rule for the coreset's random start points: `num_starts` distinct rows of `N` (all of
+    them if fewer), drawn by `np.random.default_rng(seed).choice` without replacement.
+
+    DECISION: drawn on the host from the config's seed, so every backend and the reference start
+    from the same rows."""
+    rng = np.random.default_rng(seed)
+    return tuple(int(i) for i in rng.choice(num_rows, size=min(num_starts, num_rows), replace=False))
 
 
 def random_projection(key_or_seed, in_dim: int, out_dim: int, *, dtype=jnp.float32) -> jax.Array:
@@ -41,11 +57,11 @@ def _uniform_projection(key, *, in_dim, out_dim, dtype):
     return jax.random.uniform(key, (in_dim, out_dim), dtype, -bound, bound)
 
 
-def _acc_dtype(dtype):
+def accumulation_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _sq_dist_to_row(stored, norms, row):
+def sq_dist_to_row(stored, norms, row):
     """Squared distances of every stored row to `row` (a stored row, in the accumulation dtype).
 
     With a projection, `stored` is the centred `N x P` projected bank: one matrix-vector product with
@@ -53,7 +69,7 @@ def _sq_dist_to_row(stored, norms, row):
     never copied, and the difference `x_m - x_i` is formed inside the fused reduction: exact, so no
     centring is needed (`norms` is None there).
     """
-    acc = _acc_dtype(stored.dtype)
+    acc = accumulation_dtype(stored.dtype)
     if norms is None:
         return jnp.sum(jnp.square(stored.astype(acc) - row), axis=-1)
     dots = jnp.dot(stored, row.astype(stored.dtype), precision=_HIGHEST, preferred_element_type=acc)
@@ -62,9 +78,9 @@ def _sq_dist_to_row(stored, norms, row):
     return (norms + jnp.sum(jnp.square(row))) - 2.0 * dots
 
 
-def _sq_dist_to(stored, norms, row_index):
+def sq_dist_to(stored, norms, row_index):
     """Squared distances of every stored row to row `row_index`."""
-    sq = _sq_dist_to_row(stored, norms, stored[row_index].astype(_acc_dtype(stored.dtype)))
+    sq = sq_dist_to_row(stored, norms, stored[row_index].astype(accumulation_dtype(stored.dtype)))
     # DECISION: a row's distance to itself is exactly 0. The norm expansion leaves rounding there, and
     # its square root (~1e-8 in float64) would break the exact tie between two start points' mean
     # distances (each is 0 to itself) the wrong way.
@@ -78,7 +94,7 @@ def prepare(bank, projection, starts, *, store_dtype, n_real=None):
     are left out of the mean and carry a min-distance of -inf. One device runs this under `_prepare`,
     a mesh inside its own jitted loop: the same preparation in both.
     """
-    acc = _acc_dtype(bank.dtype)
+    acc = accumulation_dtype(bank.dtype)
     padded = n_real is not None and n_real < bank.shape[0]
     real = jnp.arange(bank.shape[0]) < n_real if padded else None
     if projection is None:
@@ -93,7 +109,7 @@ def prepare(bank, projection, starts, *, store_dtype, n_real=None):
         psi = psi.astype(store_dtype)
         norms = jnp.sum(jnp.square(psi.astype(acc)), axis=1)
         stored = psi
-    sq = jax.vmap(lambda s: _sq_dist_to(stored, norms, s))(starts)  # (S, N)
+    sq = jax.vmap(lambda s: sq_dist_to(stored, norms, s))(starts)  # (S, N)
     # DECISION: as the published sampler, start from the mean distance to the start points.
     min_dist = jnp.mean(jnp.sqrt(jnp.maximum(sq, 0.0)), axis=0)
     if padded:
@@ -105,13 +121,13 @@ def prepare(bank, projection, starts, *, store_dtype, n_real=None):
 _prepare = jax.jit(prepare, static_argnames=("store_dtype", "n_real"))
 
 
-def _farthest(min_dist, stored):
-    """On one device: the row with the largest min-distance, as `_select_step` wants it."""
+def farthest(min_dist, stored):
+    """On one device: the row with the largest min-distance, as `select_step` wants it."""
     i = jnp.argmax(min_dist)
-    return i, i, stored[i].astype(_acc_dtype(stored.dtype)), True
+    return i, i, stored[i].astype(accumulation_dtype(stored.dtype)), True
 
 
-def _select_step(t, state, stored, norms, farthest=_farthest):
+def select_step(t, state, stored, norms, farthest=farthest):
     """Algorithm 1's loop body: take the farthest row, then fold its distances into the minimum.
 
     `farthest(min_dist, stored) -> (local index, global index, row, held here)` finds the row; a mesh
@@ -121,7 +137,7 @@ def _select_step(t, state, stored, norms, farthest=_farthest):
     # DECISION: argmax takes the lowest index among ties; chosen rows carry -1 so they are never
     # taken again (the argmax runs over M - M_C) and indices stay distinct on repeated rows.
     local, chosen, row, held_here = farthest(min_dist, stored)
-    sq = _sq_dist_to_row(stored, norms, row)
+    sq = sq_dist_to_row(stored, norms, row)
     # DECISION: clamp before the square root; cancellation can leave tiny negatives.
     min_dist = jnp.minimum(min_dist, jnp.sqrt(jnp.maximum(sq, 0.0)))
     min_dist = min_dist.at[local].set(jnp.where(held_here, -1.0, min_dist[local]))
@@ -129,8 +145,8 @@ def _select_step(t, state, stored, norms, farthest=_farthest):
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnums=(0, 1))
-def _run_steps(min_dist, selected, first, stored, norms, *, num_steps):
-    body = functools.partial(_select_step, stored=stored, norms=norms)
+def run_steps(min_dist, selected, first, stored, norms, *, num_steps):
+    body = functools.partial(select_step, stored=stored, norms=norms)
     return jax.lax.fori_loop(first, first + num_steps, body, (min_dist, selected))
 
 
@@ -149,11 +165,11 @@ def _to_device(host: np.ndarray) -> jax.Array:
 # lowest index: among equal bounds the lowest block is examined first. Each step thus reads one or a
 # few blocks instead of the whole projected bank.
 
-_LAZY_CHUNK = 32  # centres absorbed per matrix product
+LAZY_CHUNK = 32  # centres absorbed per matrix product
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples", "block"))
-def _lazy_prepare(psi, norms, min_dist, *, num_samples, block):
+def lazy_prepare(psi, norms, min_dist, *, num_samples, block):
     """Blocks `(n_blocks, block, P)` of the projected bank, their norms, and the loop state."""
     n, p = psi.shape
     n_blocks = -(-n // block)
@@ -162,50 +178,50 @@ def _lazy_prepare(psi, norms, min_dist, *, num_samples, block):
     row_norms = jnp.pad(norms, (0, pad)).reshape(n_blocks, block)
     # DECISION: padding rows carry -inf, so they are never selected.
     dist = jnp.pad(min_dist, (0, pad), constant_values=-jnp.inf).reshape(n_blocks, block)
-    return rows, row_norms, _lazy_state(dist, num_samples, p, psi.dtype, norms.dtype)
+    return rows, row_norms, lazy_state(dist, num_samples, p, psi.dtype, norms.dtype)
 
 
-def _lazy_state(dist, num_samples, p, dtype, norm_dtype):
+def lazy_state(dist, num_samples, p, dtype, norm_dtype):
     """The lazy loop's state for min-distances `dist` `(n_blocks, block)` (padding at -inf)."""
     return {
         "dist": dist,
         "bound": jnp.max(dist, axis=1),
         "absorbed": jnp.zeros((dist.shape[0],), jnp.int32),
         "selected": jnp.zeros((num_samples,), jnp.int32),
-        "centres": jnp.zeros((num_samples + _LAZY_CHUNK, p), dtype),
-        "centre_norms": jnp.zeros((num_samples + _LAZY_CHUNK,), norm_dtype),
+        "centres": jnp.zeros((num_samples + LAZY_CHUNK, p), dtype),
+        "centre_norms": jnp.zeros((num_samples + LAZY_CHUNK,), norm_dtype),
     }
 
 
-def _absorb_pending(state, b, t, rows, row_norms):
+def absorb_pending(state, b, t, rows, row_norms):
     """Brings block `b` up to date with the centres selected at steps `absorbed[b] .. t - 1`."""
     block_rows, block_norms, acc = rows[b], row_norms[b], row_norms.dtype
     first = state["absorbed"][b]
 
     def chunk_body(c, dist):
-        start = first + c * _LAZY_CHUNK
-        centres = jax.lax.dynamic_slice_in_dim(state["centres"], start, _LAZY_CHUNK)
-        centre_norms = jax.lax.dynamic_slice_in_dim(state["centre_norms"], start, _LAZY_CHUNK)
+        start = first + c * LAZY_CHUNK
+        centres = jax.lax.dynamic_slice_in_dim(state["centres"], start, LAZY_CHUNK)
+        centre_norms = jax.lax.dynamic_slice_in_dim(state["centre_norms"], start, LAZY_CHUNK)
         dots = jnp.dot(block_rows, centres.T, precision=_HIGHEST, preferred_element_type=acc)
-        sq = (block_norms[:, None] + centre_norms[None, :]) - 2.0 * dots  # as _sq_dist_to_row
+        sq = (block_norms[:, None] + centre_norms[None, :]) - 2.0 * dots  # as sq_dist_to_row
         d = jnp.sqrt(jnp.maximum(sq, 0.0))  # DECISION: clamp before the square root
-        d = jnp.where((start + jnp.arange(_LAZY_CHUNK) < t)[None, :], d, jnp.inf)
+        d = jnp.where((start + jnp.arange(LAZY_CHUNK) < t)[None, :], d, jnp.inf)
         return jnp.minimum(dist, jnp.min(d, axis=1))
 
-    n_chunks = (t - first + _LAZY_CHUNK - 1) // _LAZY_CHUNK
+    n_chunks = (t - first + LAZY_CHUNK - 1) // LAZY_CHUNK
     dist = jax.lax.fori_loop(0, n_chunks, chunk_body, state["dist"][b])
     return {**state, "dist": state["dist"].at[b].set(dist), "bound": state["bound"].at[b].set(jnp.max(dist)),
             "absorbed": state["absorbed"].at[b].set(t)}
 
 
-def _lazy_step(t, state, rows, row_norms):
+def lazy_step(t, state, rows, row_norms):
     """Algorithm 1's loop body, lazily: refresh the most promising blocks, then take the farthest row."""
 
     def stale(state):
         return state["absorbed"][jnp.argmax(state["bound"])] != t
 
     def refresh(state):
-        return _absorb_pending(state, jnp.argmax(state["bound"]), t, rows, row_norms)
+        return absorb_pending(state, jnp.argmax(state["bound"]), t, rows, row_norms)
 
     state = jax.lax.while_loop(stale, refresh, state)
     # DECISION: argmax takes the lowest index among ties (lowest block, then lowest row in it); the
@@ -224,8 +240,8 @@ def _lazy_step(t, state, rows, row_norms):
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",), donate_argnums=(0,))
-def _lazy_run(state, first, rows, row_norms, *, num_steps):
-    body = functools.partial(_lazy_step, rows=rows, row_norms=row_norms)
+def lazy_run(state, first, rows, row_norms, *, num_steps):
+    body = functools.partial(lazy_step, rows=rows, row_norms=row_norms)
     return jax.lax.fori_loop(first, first + num_steps, body, state)
 
 
@@ -294,10 +310,10 @@ def greedy_coreset(
     if num_samples == 0:
         return _to_device(np.zeros((0,), np.int32))
     if method == "lazy" and psi is not None:
-        rows, row_norms, state = _lazy_prepare(psi, norms, min_dist, num_samples=num_samples, block=min(block, psi.shape[0]))
+        rows, row_norms, state = lazy_prepare(psi, norms, min_dist, num_samples=num_samples, block=min(block, psi.shape[0]))
 
         def run(state, done, steps):
-            return _lazy_run(state, _to_device(np.int32(done)), rows, row_norms, num_steps=steps)
+            return lazy_run(state, _to_device(np.int32(done)), rows, row_norms, num_steps=steps)
 
         def result(state):
             return state["selected"]
@@ -306,7 +322,7 @@ def greedy_coreset(
         state = (min_dist, _to_device(np.zeros((num_samples,), np.int32)))
 
         def run(state, done, steps):
-            return _run_steps(*state, _to_device(np.int32(done)), stored, norms, num_steps=steps)
+            return run_steps(*state, _to_device(np.int32(done)), stored, norms, num_steps=steps)
 
         def result(state):
             return state[1]

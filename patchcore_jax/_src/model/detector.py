@@ -2,9 +2,10 @@
 
 A `Detector` owns the host stage (every input through `preprocess`, in batches, in input order), the
 thresholds and the calibration that fix the score scale, and the colours of the maps. Subclasses
-provide the device stage: `score_crops(crops) -> (scores, maps)` on uint8 crops, `config` (whose
-`resize`, `crop`, `geometry` and `batch_size` the host stage uses), `_require_fitted()`, and
-`_scale_low()` (the bottom of the colour scale).
+provide the device stage: `launch(crops)` on uint8 crops (returns the call that waits for
+`(scores, maps)`), `config` (whose image geometry and `batch_size` the host stage uses),
+`require_fitted()`, and `scale_low()` (the bottom of the colour scale). Long work reports through
+`progress(stage, done, total)`, a callback; nothing here prints.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import os
 from typing import Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from patchcore_jax import preprocess
+from patchcore_jax._src.model import preprocess
+from patchcore_jax._src.stages import metrics
 
 # Quantiles recorded by the calibrations (keyed by str(q) in `calibration`).
 CALIBRATION_QUANTILES = (0.5, 0.9, 0.99, 0.999, 1.0)
@@ -48,21 +49,28 @@ class Detector:
     """Host stage, predictions and decisions; see the module docstring."""
 
     config = None  # set by subclasses
-    progress = True
+    progress = None  # a callback `progress(stage, done, total)`, or None
 
-    def _require_fitted(self) -> None:
+    def require_fitted(self) -> None:
         raise NotImplementedError
 
-    def _scale_low(self) -> float:
+    def scale_low(self) -> float:
+        raise NotImplementedError
+
+    def launch(self, crops):
+        """Starts scoring uint8 crops `(B, crop, crop, 3)` and returns the call that waits for
+        `(scores (B,), maps (B, crop, crop))`."""
         raise NotImplementedError
 
     def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """The device stage of `predict`: uint8 crops `(B, crop, crop, 3)` -> image scores `(B,)` and
+        anomaly maps `(B, crop, crop)`, float32 host arrays."""
+        return self.launch(crops)()
 
-    def _launch(self, crops):
-        """Starts `score_crops(crops)` and returns the call that waits for its result."""
-        result = self.score_crops(crops)
-        return lambda: result
+    def report(self, stage: str, done: int, total: int | None) -> None:
+        """Passes progress to the `progress` callback, if any."""
+        if callable(self.progress):
+            self.progress(stage, done, total)
 
     # -- the host stage ----------------------------------------------------------------------------
     def prepare(self, image, *, name: str = "image") -> np.ndarray:
@@ -76,7 +84,7 @@ class Detector:
         crop = preprocess.preprocess_image(rgb, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=name)
         return crop, rgb.shape[:2]
 
-    def _crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray, list[tuple[int, int]]]]:
+    def crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray, list[tuple[int, int]]]]:
         """`(names, uint8 crops (b, crop, crop, 3), original sizes)` with `b <= batch_size`, in input
         order; only one batch of decoded images is held at a time."""
         names, crops, sizes = [], [], []
@@ -97,9 +105,11 @@ class Detector:
         cfg = self.config
         return preprocess.map_to_frame(anomaly_map, size, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
 
-    def _bar(self, images, desc):
-        total = len(images) if hasattr(images, "__len__") and not isinstance(images, (str, bytes, os.PathLike)) else None
-        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress, leave=False)
+    @staticmethod
+    def count(images) -> int | None:
+        """The number of images, where it is known before reading them (a progress total)."""
+        sized = hasattr(images, "__len__") and not isinstance(images, (str, bytes, os.PathLike))
+        return len(images) if sized else None
 
     # -- prediction --------------------------------------------------------------------------------
     def predict_iter(self, images) -> Iterator[Prediction]:
@@ -107,14 +117,14 @@ class Detector:
 
         The host reads and prepares the next batch while the device scores the current one (JAX
         dispatches asynchronously), so at most two batches are in flight."""
-        self._require_fitted()
+        self.require_fitted()
 
         def finish(names, crops, sizes, fetch):
             scores, maps = fetch()
             for i, name in enumerate(names):
                 yield Prediction(name, crops[i], float(scores[i]), maps[i], tuple(int(v) for v in sizes[i]))
 
-        batches = self._crop_batches(images)
+        batches = self.crop_batches(images)
         pending = None
         while True:
             try:
@@ -125,7 +135,7 @@ class Detector:
                 if pending is not None:  # an unreadable image: the batch already scored is yielded first
                     yield from finish(*pending)
                 raise
-            launched = (names, crops, sizes, self._launch(crops))
+            launched = (names, crops, sizes, self.launch(crops))
             if pending is not None:
                 yield from finish(*pending)
             pending = launched
@@ -141,13 +151,13 @@ class Detector:
         """
         if frame not in ("crop", "original"):
             raise ValueError(f"frame: expected 'crop' or 'original', got {frame!r}")
-        self._require_fitted()
+        self.require_fitted()
         scores, maps = [], []
-        with self._bar(images, "scoring") as bar:
-            for pred in self.predict_iter(images):
-                scores.append(pred.score)
-                maps.append(pred.anomaly_map if frame == "crop" else self.frame_map(pred.anomaly_map, pred.size))
-                bar.update(1)
+        total = self.count(images)
+        for pred in self.predict_iter(images):
+            scores.append(pred.score)
+            maps.append(pred.anomaly_map if frame == "crop" else self.frame_map(pred.anomaly_map, pred.size))
+            self.report("scoring", len(scores), total)
         if not scores:
             raise ValueError("images: expected at least one test image, got none")
         return np.asarray(scores, np.float32), (np.stack(maps) if frame == "crop" else maps)
@@ -201,8 +211,6 @@ class Detector:
         image threshold from `labels` `(N,)` (1 = anomalous), and, when `masks` are given (one `(H, W)`
         mask per image at its original size, uint8 0..255 or bool), the pixel threshold over all
         pixels of the crops. Returns precision, recall and F1 at each."""
-        from patchcore_jax import metrics
-
         cfg = self.config
         labels = np.asarray(labels).ravel()
         scores, maps = self.predict(images)
@@ -234,8 +242,8 @@ class Detector:
         """`(low, pixel threshold, high)` of the heatmap colours, fixed by the model: `low` is the median
         nominal patch score recorded at fit, the pixel threshold sits in the middle of the scale, and
         `high = 2 * threshold - low`. The same model gives the same colours in every run."""
-        self._require_fitted()
-        low = self._scale_low()
+        self.require_fitted()
+        low = self.scale_low()
         mid = max(self.pixel_threshold.value, low + 1e-6)
         return low, mid, 2.0 * mid - low
 

@@ -13,16 +13,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from patchcore_jax import _linear_maps
-from patchcore_jax import _checks
+from patchcore_jax._src.stages import checks, linear_maps
 
 
 @functools.partial(jax.jit, static_argnames=("out_size", "sigma"))
-def _anomaly_maps(patch_scores, *, out_size, sigma):
+def anomaly_maps_unchecked(patch_scores, *, out_size, sigma):
+    """`anomaly_maps` without the checks (trusted inner callers, traceable)."""
     h, w = patch_scores.shape[1:]
     dtype = patch_scores.dtype if jnp.issubdtype(patch_scores.dtype, jnp.floating) else jnp.float32
-    rows = _linear_maps.gaussian_matrix(out_size[0], sigma) @ _linear_maps.bilinear_matrix(h, out_size[0])
-    cols = _linear_maps.gaussian_matrix(out_size[1], sigma) @ _linear_maps.bilinear_matrix(w, out_size[1])
+    rows = linear_maps.gaussian_matrix(out_size[0], sigma) @ linear_maps.bilinear_matrix(h, out_size[0])
+    cols = linear_maps.gaussian_matrix(out_size[1], sigma) @ linear_maps.bilinear_matrix(w, out_size[1])
     return jnp.einsum(
         "Hh,bhw,Ww->bHW", jnp.asarray(rows, dtype), patch_scores.astype(dtype), jnp.asarray(cols, dtype),
         precision=jax.lax.Precision.HIGHEST,
@@ -35,7 +35,7 @@ def anomaly_maps(patch_scores: jax.Array, out_size, *, sigma: float = 4.0) -> ja
     Bilinear upsampling to `out_size` (half-pixel centres, `align_corners=False`, no antialias), then
     a Gaussian blur as `scipy.ndimage.gaussian_filter(sigma, mode="reflect", truncate=4.0)`.
     """
-    _checks.check_array("patch_scores", patch_scores, ndim=3)
-    out_size = _checks.check_out_size(out_size)
-    sigma = _checks.check_positive_float("sigma", sigma)
-    return _anomaly_maps(jnp.asarray(patch_scores), out_size=out_size, sigma=sigma)
+    checks.check_array("patch_scores", patch_scores, ndim=3)
+    out_size = checks.check_out_size(out_size)
+    sigma = checks.check_positive_float("sigma", sigma)
+    return anomaly_maps_unchecked(jnp.asarray(patch_scores), out_size=out_size, sigma=sigma)

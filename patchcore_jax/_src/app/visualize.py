@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from patchcore_jax._src.stages.metrics import METRICS
+
 CMAP = "turbo"
 UNITS = "anomaly score (feature distance to the nearest nominal patch)"
 
@@ -96,8 +98,6 @@ def save_npy(path, array: np.ndarray) -> None:
 def summary_figure(path, report: dict, rocs: dict) -> None:
     """One picture of an evaluation: the three metrics per category (bars; "n/a" where a metric is
     not available) and each category's image ROC curve."""
-    from patchcore_jax.evaluate import METRICS
-
     cats = list(report["categories"])
     fig = _figure(max(8.0, 1.1 * len(cats) + 5.0), 4.2)
     bars, roc = fig.subplots(1, 2, width_ratios=[max(2.0, 0.5 * len(cats)), 1.4])

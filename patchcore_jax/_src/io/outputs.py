@@ -20,7 +20,7 @@ import json
 import os
 from typing import Callable
 
-from patchcore_jax.data.images import OUTPUT_MARKER, display
+from patchcore_jax._src.model.images import OUTPUT_MARKER, display
 
 MARKER = OUTPUT_MARKER
 _TMP = ".tmp-patchcore-jax"

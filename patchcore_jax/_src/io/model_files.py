@@ -32,20 +32,23 @@ Writing (`save_model`):
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import hashlib
 import json
-import math
 import os
 import shutil
 import stat
 import tempfile
-from typing import Any
 
 import numpy as np
 
-from patchcore_jax.data.images import display
+from patchcore_jax._src.io import atomic
+from patchcore_jax._src.io import model_schema as schema
+from patchcore_jax._src.io.atomic import exchange  # a module name, so tests can replace it
+from patchcore_jax._src.io.model_schema import (
+    ModelFileError, parse_ensemble, parse_member, thresholds_json, thresholds_of,
+)
+from patchcore_jax._src.model.fitted import Fitted, FittedEnsemble
+from patchcore_jax._src.version import __version__
+from patchcore_jax._src.model.images import display
 
 FORMAT = "patchcore-jax-model"
 FORMAT_VERSION = 2
@@ -85,47 +88,18 @@ def _tree(folder: str) -> set[str] | None:
     return out
 
 
-class ModelFileError(ValueError):
-    """A model folder that is missing, incomplete, tampered with, or of another format version."""
-
-
 def _step(name: str) -> None:
     """Called between the steps of `save_model` (a fault-injection point for tests)."""
 
 
-# -- canonical JSON -----------------------------------------------------------------------------------
-def _canonical(obj: Any) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
-
-
-def _strict_json(data: bytes, where: str) -> Any:
-    def no_constants(name):
-        raise ValueError(f"{name} is not allowed")
-
-    def no_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        if len(keys) != len(set(keys)):
-            raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
-        return dict(pairs)
-
-    try:
-        return json.loads(data.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ModelFileError(f"{where}: not valid JSON ({err})") from None
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _manifest(files: dict[str, bytes]) -> bytes:
     body = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in sorted(files.items())}}
-    return _canonical({**body, "manifest_sha256": _sha256(_canonical(body))})
+            "files": {name: {"bytes": len(data), "sha256": atomic.sha256(data)} for name, data in sorted(files.items())}}
+    return atomic.canonical_json({**body, "manifest_sha256": atomic.sha256(atomic.canonical_json(body))})
 
 
 def _parse_manifest(raw: bytes, where: str) -> dict[str, dict]:
-    manifest = _strict_json(raw, where)
+    manifest = schema.strict_json(raw, where)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelFileError(f"{where}: not a patchcore-jax model manifest")
     version = manifest.get("format_version")
@@ -137,7 +111,7 @@ def _parse_manifest(raw: bytes, where: str) -> dict[str, dict]:
     if set(manifest) != {"format", "format_version", "files", "manifest_sha256"}:
         raise ModelFileError(f"{where}: unexpected fields {sorted(set(manifest) ^ {'format', 'format_version', 'files', 'manifest_sha256'})}")
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    if manifest["manifest_sha256"] != _sha256(_canonical(body)) or raw != _canonical(manifest):
+    if manifest["manifest_sha256"] != atomic.sha256(atomic.canonical_json(body)) or raw != atomic.canonical_json(manifest):
         raise ModelFileError(f"{where}: its content does not match its own checksum (modified or damaged)")
     files = manifest["files"]
     if not isinstance(files, dict) or set(files) != _layout(files) or set(files) == {ENSEMBLE}:
@@ -200,97 +174,13 @@ def _read_verified(path: str) -> dict[str, bytes]:
         for name, entry in sorted(files.items(), key=lambda item: item[1]["bytes"]):  # cheap checks first
             file_where = display(os.path.join(path, name))
             data = _read_file(dir_fd, name, file_where)
-            if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
+            if len(data) != entry["bytes"] or atomic.sha256(data) != entry["sha256"]:
                 raise ModelFileError(f"{file_where}: checksum differs from the manifest (modified, damaged or truncated)")
             out[name] = data
         return out
     finally:
         os.close(dir_fd)
 
-
-def _expect(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise ModelFileError(f"{where}: {what}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _parse_config(raw: bytes, where: str) -> dict:
-    """config.json, every field type-checked."""
-    from patchcore_jax.config import PatchCoreConfig
-
-    meta = _strict_json(raw, where)
-    keys = {"config", "thresholds", "num_patches_seen", "bank_shape", "calibration", "weights", "library_version"}
-    _expect(isinstance(meta, dict) and set(meta) == keys, where,
-            f"expected exactly the fields {sorted(keys)}, got {sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")
-    try:
-        meta["config"] = PatchCoreConfig.from_dict(meta["config"], strict=True)
-    except (TypeError, ValueError) as err:
-        raise ModelFileError(f"{where}: {err}") from None
-    _check_thresholds(meta["thresholds"], where)
-    _expect(_is_int(meta["num_patches_seen"]) and meta["num_patches_seen"] >= 0, where,
-            f"num_patches_seen: expected an integer >= 0, got {meta['num_patches_seen']!r}")
-    shape = meta["bank_shape"]
-    _expect(isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and s >= 1 for s in shape)
-            and shape[1] == meta["config"].target_dim, where,
-            f"bank_shape: expected [M, {meta['config'].target_dim}] with M >= 1, got {shape!r}")
-    weights = meta["weights"]
-    _expect(isinstance(weights, dict) and set(weights) == {"source", "sha256"}
-            and all(v is None or isinstance(v, str) for v in weights.values()), where,
-            f"weights: expected {{'source': str|null, 'sha256': str|null}}, got {weights!r}")
-    _expect(isinstance(meta["library_version"], str), where, "library_version: expected a string")
-    _check_calibration(meta["calibration"], where)
-    return meta
-
-
-def _check_thresholds(thresholds, where: str) -> None:
-    _expect(isinstance(thresholds, dict) and set(thresholds) == {"image", "pixel"}, where,
-            f"thresholds: expected {{'image': ..., 'pixel': ...}}, got {thresholds!r}")
-    for kind, t in thresholds.items():
-        _expect(t is None or (isinstance(t, dict) and set(t) == {"value", "rule"} and _is_number(t["value"])
-                              and isinstance(t["rule"], str)), where,
-                f"thresholds.{kind}: expected null or {{'value': a finite number, 'rule': a string}}, got {t!r}")
-
-
-def _quantiles(q, keys, where: str, what: str) -> None:
-    _expect(isinstance(q, dict) and set(q) == keys and all(_is_number(v) for v in q.values()), where,
-            f"{what}: expected finite numbers for the quantiles {sorted(keys)}")
-
-
-def _check_calibration(cal, where: str) -> None:
-    from patchcore_jax.model import CALIBRATION_QUANTILES
-
-    quantiles = {str(q) for q in CALIBRATION_QUANTILES}
-    _expect(isinstance(cal, dict) and "fit" in cal and set(cal) <= {"fit", "good_images"}, where,
-            f"calibration: expected 'fit' (and 'good_images'), got {sorted(cal) if isinstance(cal, dict) else cal!r}")
-    fit = cal["fit"]
-    _expect(isinstance(fit, dict) and set(fit) == {"patch_score_quantiles", "patch_sample"}, where,
-            "calibration.fit: expected 'patch_score_quantiles' and 'patch_sample'")
-    _quantiles(fit["patch_score_quantiles"], quantiles, where, "calibration.fit.patch_score_quantiles")
-    _expect(_is_int(fit["patch_sample"]) and fit["patch_sample"] >= 1, where, "calibration.fit.patch_sample: expected an integer >= 1")
-    good = cal.get("good_images")
-    if good is not None:
-        _expect(isinstance(good, dict) and set(good) == {"count", "image_score_quantiles", "map_quantiles"}, where,
-                "calibration.good_images: expected 'count', 'image_score_quantiles' and 'map_quantiles'")
-        _expect(_is_int(good["count"]) and good["count"] >= 1, where, "calibration.good_images.count: expected an integer >= 1")
-        for key in ("image_score_quantiles", "map_quantiles"):
-            _quantiles(good[key], quantiles | {"0.0"}, where, f"calibration.good_images.{key}")
-
-
-def _parse_tensors(raw: bytes, where: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
-    try:
-        return load(raw)
-    except (SafetensorError, ValueError, OSError) as err:
-        raise ModelFileError(f"{where}: not a readable safetensors file ({err})") from None
 
 
 def read_model_files(path) -> dict:
@@ -313,98 +203,39 @@ def read_model_files(path) -> dict:
             raise
     join = lambda name: display(os.path.join(path, name))  # noqa: E731
     if ENSEMBLE in contents:
-        meta = _parse_ensemble(contents.pop(ENSEMBLE), join(ENSEMBLE))
+        meta = parse_ensemble(contents.pop(ENSEMBLE), join(ENSEMBLE))
         count = len({n.split("/", 1)[0] for n in contents})
-        _expect(meta["members"] == count, join(ENSEMBLE), f"members: {meta['members']}, but the folder holds {count}")
-        members = [_parse_member({f: contents.pop(f"member-{i}/{f}") for f in FILES}, lambda f, i=i: join(f"member-{i}/{f}"))
+        schema.expect(meta["members"] == count, join(ENSEMBLE), f"members: {meta['members']}, but the folder holds {count}")
+        members = [parse_member({f: contents.pop(f"member-{i}/{f}") for f in FILES}, lambda f, i=i: join(f"member-{i}/{f}"))
                    for i in range(count)]
         return {"kind": "ensemble", "meta": meta, "members": members}
-    return {"kind": "model", **_parse_member(contents, join)}
+    return {"kind": "model", **parse_member(contents, join)}
 
 
-def _parse_member(contents: dict[str, bytes], join) -> dict:
-    meta = _parse_config(contents["config.json"], join("config.json"))
-    bank = _parse_tensors(contents["bank.safetensors"], join("bank.safetensors"))
-    _expect(set(bank) == {"bank"}, join("bank.safetensors"), f"expected one tensor 'bank', got {sorted(bank)}")
-    bank = bank["bank"]
-    _expect(bank.dtype == np.float32 and list(bank.shape) == meta["bank_shape"], join("bank.safetensors"),
-            f"bank: expected float32 {meta['bank_shape']}, got {bank.dtype} {list(bank.shape)}")
-    _expect(bool(np.isfinite(bank).all()), join("bank.safetensors"), "bank: holds NaN or infinite values")
-    weights = _parse_tensors(contents["backbone.safetensors"], join("backbone.safetensors"))
-    bad = sorted(k for k, v in weights.items() if v.dtype != np.float32)
-    _expect(not bad, join("backbone.safetensors"), f"expected float32 tensors, got {bad[:4]}")
-    index = _parse_tensors(contents["index.safetensors"], join("index.safetensors"))
-    clustered_index = None
-    if index:
-        from patchcore_jax.clustered import ClusteredIndex
 
-        try:
-            clustered_index = ClusteredIndex.from_arrays(index)
-        except ValueError as err:
-            raise ModelFileError(f"{join('index.safetensors')}: {err}") from None
-        _expect(clustered_index.size == bank.shape[0] and clustered_index.rows.shape[1] == bank.shape[1],
-                join("index.safetensors"), f"an index of {clustered_index.size} rows for a bank of {bank.shape[0]}")
-    return {"meta": meta, "bank": bank, "weights": weights, "clustered_index": clustered_index,
-            "where": join("backbone.safetensors")}
+def where(path) -> str:
+    """A model path as error messages show it (absolute, control characters escaped)."""
+    return display(os.path.abspath(os.fsdecode(path)))
 
 
-def _parse_ensemble(raw: bytes, where: str) -> dict:
-    meta = _strict_json(raw, where)
-    keys = {"members", "thresholds", "calibration", "library_version"}
-    _expect(isinstance(meta, dict) and set(meta) == keys, where,
-            f"expected exactly the fields {sorted(keys)}, got {sorted(meta) if isinstance(meta, dict) else type(meta).__name__}")
-    _expect(_is_int(meta["members"]) and meta["members"] >= 1, where, "members: expected an integer >= 1")
-    _check_thresholds(meta["thresholds"], where)
-    _check_calibration(meta["calibration"], where)
-    _expect(isinstance(meta["library_version"], str), where, "library_version: expected a string")
-    return meta
-
-
-def load(path, *, progress: bool = True, mesh=None):
-    """Reads, verifies and builds the model (a `PatchCore`) or ensemble (a `PatchCoreEnsemble`) of a
-    folder written by `save_model`."""
-    from patchcore_jax.ensemble import PatchCoreEnsemble
-
+def load_fitted(path) -> Fitted | FittedEnsemble:
+    """Reads and verifies a folder written by `save_model`: the fitted value of a model, or of an
+    ensemble. `ModelFileError` (one line, naming the file) for anything wrong."""
     files = read_model_files(path)
     if files["kind"] == "model":
-        return _build_member(files, progress=progress, mesh=mesh)
-    members = [_build_member(m, progress=progress, mesh=mesh) for m in files["members"]]
-    ensemble = PatchCoreEnsemble(members=members, progress=progress)
-    _apply_decisions(ensemble, files["meta"])
-    return ensemble
+        return _fitted(files)
+    image, pixel = thresholds_of(files["meta"])
+    return FittedEnsemble(members=tuple(_fitted(m) for m in files["members"]), calibration=files["meta"]["calibration"],
+                          image_threshold=image, pixel_threshold=pixel)
 
 
-def load_model(path, *, progress: bool = True, mesh=None):
-    """Reads, verifies and builds the `PatchCore` of a folder written by `save_model`."""
-    files = read_model_files(path)
-    if files["kind"] != "model":
-        raise ModelFileError(f"{display(os.path.abspath(os.fsdecode(path)))}: an ensemble of {len(files['members'])} "
-                             "members; load it with patchcore_jax.load or PatchCoreEnsemble.load")
-    return _build_member(files, progress=progress, mesh=mesh)
-
-
-def _build_member(files: dict, *, progress: bool, mesh):
-    from patchcore_jax.model import PatchCore
-
+def _fitted(files: dict) -> Fitted:
     meta = files["meta"]
-    try:
-        model = PatchCore(meta["config"], progress=progress, mesh=mesh, backbone_weights=files.pop("weights"))
-    except ValueError as err:
-        raise ModelFileError(f"{files['where']}: {err}") from None
-    clustered_index = files.pop("clustered_index")
-    model.set_bank(files.pop("bank"), clustered_index=clustered_index if model.search_kind() == "clustered" else None)
-    _apply_decisions(model, meta)
-    model.num_patches_seen = meta["num_patches_seen"]
-    model.weights_sha256 = meta["weights"]["sha256"]
-    return model
-
-
-def _apply_decisions(detector, meta: dict) -> None:
-    from patchcore_jax.detector import Threshold
-
-    for kind, t in meta["thresholds"].items():
-        setattr(detector, f"{kind}_threshold", None if t is None else Threshold(float(t["value"]), t["rule"]))
-    detector.calibration = meta["calibration"]
+    image, pixel = thresholds_of(meta)
+    return Fitted(config=meta["config"], weights=files["weights"], bank=files["bank"],
+                  clustered_index=files["clustered_index"], calibration=meta["calibration"], image_threshold=image,
+                  pixel_threshold=pixel, num_patches_seen=meta["num_patches_seen"],
+                  weights_sha256=meta["weights"]["sha256"])
 
 
 def _inode(path: str):
@@ -416,19 +247,6 @@ def _inode(path: str):
 
 
 # -- writing ------------------------------------------------------------------------------------------
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def check_target(path) -> None:
     """Refuses (ValueError, one line naming it) a model destination that `save_model` must not touch:
     anything but a new path, an empty folder, or a folder holding only an earlier model's files."""
@@ -471,60 +289,6 @@ def check_target(path) -> None:
                          "refusing to replace a folder that holds other files")
 
 
-def _write(dir_fd: int, name: str, data: bytes) -> None:
-    if "/" in name:  # a member's file: its folder first (mode 0777 less the umask)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name.split("/", 1)[0], 0o777, dir_fd=dir_fd)
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), display(b))
-
-
-def _lock(fd: int, *, block: bool) -> bool:
-    """An exclusive `flock` on an open folder; False if another process holds it. Without flock
-    (Windows) a non-blocking attempt always fails, so leftovers are never taken for stale."""
-    try:
-        import fcntl
-    except ImportError:
-        return block
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-        return True
-    except OSError:
-        return False
-
-
 def _leftovers(path: str) -> list[str]:
     parent, base = os.path.split(path)
     prefix = f".{base}.tmp-"
@@ -549,7 +313,7 @@ def _tidy(path: str) -> None:
             continue  # never touch what does not look exactly like our own leftover
         fd = os.open(leftover, os.O_RDONLY)
         try:
-            if not _lock(fd, block=False):
+            if not atomic.lock(fd, block=False):
                 continue  # a save in progress holds it
             if leftover.endswith("-old") and not os.path.lexists(path) and restore is None:
                 with contextlib.suppress(ModelFileError):
@@ -561,71 +325,60 @@ def _tidy(path: str) -> None:
             os.close(fd)
     if restore is not None:
         os.rename(restore, path)
-        _fsync_dir(os.path.dirname(path))
+        atomic.fsync_dir(os.path.dirname(path))
 
 
-def _thresholds(detector) -> dict:
-    return {kind: None if t is None else {"value": t.value, "rule": t.rule}
-            for kind, t in (("image", detector.image_threshold), ("pixel", detector.pixel_threshold))}
-
-
-def _model_files(model) -> dict[str, bytes]:
-    """The files of a `PatchCore`, or of a `PatchCoreEnsemble` (its members in `member-i/`)."""
-    import patchcore_jax
-
-    members = getattr(model, "members", None)
-    if members is not None:
-        files = {ENSEMBLE: _canonical({"members": len(members), "thresholds": _thresholds(model),
-                                       "calibration": model.calibration, "library_version": patchcore_jax.__version__})}
-        for i, member in enumerate(members):
+def _model_files(value: Fitted | FittedEnsemble) -> dict[str, bytes]:
+    """The files of a fitted model, or of an ensemble (its members in `member-i/`)."""
+    if isinstance(value, FittedEnsemble):
+        files = {ENSEMBLE: atomic.canonical_json({"members": len(value.members), "calibration": value.calibration,
+                                       "thresholds": thresholds_json(value.image_threshold, value.pixel_threshold),
+                                       "library_version": __version__})}
+        for i, member in enumerate(value.members):
             files.update({f"member-{i}/{name}": data for name, data in _model_files(member).items()})
         return files
     from safetensors.numpy import save
 
     config = {
-        "config": model.config.to_dict(),
-        "thresholds": _thresholds(model),
-        "num_patches_seen": int(model.num_patches_seen),
-        "bank_shape": [int(s) for s in model.bank.shape],
-        "calibration": model.calibration,
-        "weights": {"source": model.config.weights, "sha256": model.weights_sha256},
-        "library_version": patchcore_jax.__version__,
+        "config": value.config.to_dict(),
+        "thresholds": thresholds_json(value.image_threshold, value.pixel_threshold),
+        "num_patches_seen": int(value.num_patches_seen),
+        "bank_shape": [int(s) for s in value.bank.shape],
+        "calibration": value.calibration,
+        "weights": {"source": value.config.weights, "sha256": value.weights_sha256},
+        "library_version": __version__,
     }
-    from patchcore_jax.clustered import ClusteredIndex
-
-    index = model.index.to_arrays() if isinstance(model.index, ClusteredIndex) else {}
+    index = value.clustered_index.to_arrays() if value.clustered_index is not None else {}
     return {
-        "config.json": _canonical(config),
-        "bank.safetensors": save({"bank": np.ascontiguousarray(np.asarray(model.bank, np.float32))}),
-        "backbone.safetensors": save(model._extract.state_dict()),
+        "config.json": atomic.canonical_json(config),
+        "bank.safetensors": save({"bank": np.ascontiguousarray(np.asarray(value.bank, np.float32))}),
+        "backbone.safetensors": save(dict(value.weights)),
         "index.safetensors": save({k: np.asarray(v, order="C") for k, v in index.items()}),  # 0-d stays 0-d
     }
 
 
-def save_model(model, path) -> None:
-    """Writes `model` (a `PatchCore` or a `PatchCoreEnsemble`) to the folder `path` (see the module
-    docstring)."""
-    model._require_fitted()
+def save_model(value: Fitted | FittedEnsemble, path) -> None:
+    """Writes a fitted model or ensemble to the folder `path` (see the module docstring)."""
     path = os.path.abspath(os.fsdecode(path))
     check_target(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     _tidy(path)
-    files = _model_files(model)
+    files = _model_files(value)
     files[MANIFEST] = _manifest(files)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     fd = os.open(tmp, os.O_RDONLY)
     try:
-        _lock(fd, block=True)
-        os.chmod(tmp, 0o777 & ~_umask())
+        atomic.lock(fd, block=True)
+        os.chmod(tmp, 0o777 & ~atomic.umask())
         _step("created")
         for name in sorted(files, key=lambda n: n == MANIFEST):  # the manifest last
-            _write(fd, name, files[name])
+            atomic.write_in(fd, name, files[name])
             _step(f"wrote {name}")
-        _fsync_dir(tmp)
+        atomic.fsync_dir(tmp)
         if os.path.isdir(path) and not os.path.islink(path) and os.listdir(path):
             check_target(path)  # still only an earlier model's files
-            if _exchange(tmp, path):
+            if exchange(tmp, path):
                 _step("exchanged")
             else:
                 os.rename(path, tmp + "-old")  # no exchange here: a short window, recovered by _tidy
@@ -636,7 +389,7 @@ def save_model(model, path) -> None:
         else:
             os.rename(tmp, path)  # onto a new path or an empty folder: atomic
             _step("renamed")
-        _fsync_dir(parent)
+        atomic.fsync_dir(parent)
     finally:
         os.close(fd)
         if os.path.isdir(tmp):

@@ -30,8 +30,8 @@ import re
 
 import numpy as np
 
-from patchcore_jax import preprocess
-from patchcore_jax.data.images import display, list_images, read_image, read_mask
+from patchcore_jax._src.model import preprocess
+from patchcore_jax._src.model.images import display, list_images, read_image, read_mask
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchcore_jax import _linear_maps
-from patchcore_jax import _checks
+from patchcore_jax._src.stages import linear_maps as _linear_maps
+from patchcore_jax._src.stages import checks as _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -52,7 +52,7 @@ def _layer_contribution(x: jax.Array, first_channel: np.ndarray, weights: np.nda
 
 
 @functools.partial(jax.jit, static_argnames=("patch_size", "stride", "pretrain_dim", "target_dim"))
-def _aggregate(feature_maps, *, patch_size, stride, pretrain_dim, target_dim):
+def aggregate_linear(feature_maps, *, patch_size, stride, pretrain_dim, target_dim):
     n_layers = len(feature_maps)
     dtype = jnp.result_type(*[f.dtype for f in feature_maps])
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -95,7 +95,7 @@ def aggregate_patches(
     pretrain_dim = _checks.check_int("pretrain_dim", pretrain_dim, low=1)
     target_dim = _checks.check_int("target_dim", target_dim, low=1)
     _checks.check_feature_maps(feature_maps, patch_size=patch_size, stride=stride)
-    return _aggregate(
+    return aggregate_linear(
         tuple(jnp.asarray(f) for f in feature_maps),
         patch_size=patch_size,
         stride=stride,

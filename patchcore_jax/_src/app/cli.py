@@ -1,0 +1,140 @@
+"""The `patchcore-jax` command line: the only place that parses arguments or prints.
+
+Every argument and output location is validated before any work starts. Exit codes: 0 success; 2 bad
+usage or bad input (one line naming the path or value given); 1 an unexpected failure (one line;
+`--debug`, accepted in any position, shows the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from patchcore_jax._src.app import commands
+from patchcore_jax._src.app.console import UsageError, add_model_options, say, version
+
+
+
+# -- the parser -----------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (exit status 2) that point at --help."""
+
+    def error(self, message):
+        say(f"{self.prog}: error: {message} (see {self.prog} --help)", sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of failures")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    parser = _Parser(prog="patchcore-jax", description="PatchCore anomaly detection in JAX.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"patchcore-jax {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", parents=[common], help="fit and evaluate on an embedded synthetic defect set (no files needed)",
+                       description="Makes a deterministic synthetic defect data set, fits, predicts, prints image AUROC, "
+                                   "pixel AUROC and AU-PRO, checks the JAX numerics against the NumPy reference, and "
+                                   "writes results.json and heatmap PNGs.")
+    p.add_argument("--out", default="demo-out", help="output folder, new or an earlier demo's (default demo-out)")
+    p.add_argument("--train", type=int, default=40, help="nominal training images (default 40)")
+    p.add_argument("--test-good", type=int, default=16, help="good test images (default 16)")
+    p.add_argument("--test-defect", type=int, default=24, help="defective test images (default 24)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    add_model_options(p)
+    p.set_defaults(func=commands.cmd_demo)
+
+    p = sub.add_parser("fit", parents=[common], help="build a model from a folder of defect-free images")
+    p.add_argument("--train", required=True, help="folder (searched recursively) or image of defect-free images")
+    p.add_argument("--out", required=True, help="model folder to write: new, empty, or an earlier model")
+    p.add_argument("--threshold-from", help="folder of held-out good images: sets the image and pixel thresholds "
+                                            "and the score scale from them")
+    p.add_argument("--quantile", type=float, default=1.0,
+                   help="quantile of the held-out good scores and map values (default 1.0 = max)")
+    p.add_argument("--validation", help="labelled folder (good/ and defect sub-folders; masks in ground_truth/<kind>/"
+                                        "<name>_mask.png when present): F1-optimal image (and pixel) thresholds")
+    p.add_argument("--mask-rule", choices=("published", "half"), default="published",
+                   help="validation masks after resizing: published (only 255 counts) or half (>= 128)")
+    add_model_options(p)
+    p.set_defaults(func=commands.cmd_fit)
+
+    p = sub.add_parser("predict", parents=[common], help="score images with a fitted model")
+    p.add_argument("--model", required=True, help="model folder written by fit")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder, new or an earlier predict's: scores.csv and heatmaps/")
+    p.add_argument("--threshold", type=float, help="image threshold (overrides the model's)")
+    p.add_argument("--pixel-threshold", type=float, help="pixel threshold: outlines and masks (overrides the model's)")
+    p.add_argument("--no-heatmaps", action="store_true", help="no heatmap panels")
+    p.add_argument("--save-maps", action="store_true", help="raw anomaly maps as float32 maps/<input>.npy")
+    p.add_argument("--save-masks", action="store_true", help="predicted defect masks (map > pixel threshold) as "
+                                                             "masks/<input>.png")
+    p.add_argument("--full-frame", action="store_true",
+                   help="maps, panels and masks at each image's original size, the region outside the crop marked "
+                        "as not inspected (NaN in the .npy maps)")
+    p.set_defaults(func=commands.cmd_predict)
+
+    p = sub.add_parser("evaluate", parents=[common], help="fit and evaluate per category on MVTec AD, MTD or mSTC",
+                       description="Runs the paper's protocol on a data set folder you provide (nothing is downloaded) "
+                                   "and writes results.json, results.csv and a few heatmaps per category. Resumable: a "
+                                   "category whose inputs and settings are unchanged is kept.")
+    p.add_argument("--dataset", required=True, choices=("mvtec", "mtd", "mstc"))
+    p.add_argument("--root", required=True, help="the data set's folder (see README for the layouts)")
+    p.add_argument("--categories", nargs="+", help="categories (mSTC: scenes 01..12) to run; default all present")
+    p.add_argument("--out", required=True, help="output folder, new or an earlier evaluate's")
+    p.add_argument("--source", choices=("folder", "tfds"), default="folder",
+                   help="read files directly, or through a TFDS array_record preparation (default folder)")
+    p.add_argument("--tfds-dir", help="where TFDS preparations live (default OUT/tfds)")
+    p.add_argument("--heatmaps", type=int, default=4, help="heatmap panels written per category (default 4)")
+    p.add_argument("--mask-rule", choices=("published", "half"), default="published",
+                   help="ground-truth pixels after resizing: published (only full 255 counts, as the published "
+                        "code; default) or half (>= 128)")
+    add_model_options(p)
+    p.set_defaults(func=commands.cmd_evaluate)
+
+    p = sub.add_parser("convert-weights", parents=[common], help="convert a .pth state dict to .safetensors (needs torch once)")
+    p.add_argument("input", help="torchvision/timm .pth state dict")
+    p.add_argument("output", help="destination .safetensors (must not exist)")
+    p.set_defaults(func=commands.cmd_convert_weights)
+
+    p = sub.add_parser("export", parents=[common], help="write a fitted model as one StableHLO or ONNX program",
+                       description="Writes the model folder MODEL as one self-contained program (backbone weights, "
+                                   "memory bank and settings inside): input uint8 crops (B, crop, crop, 3) prepared "
+                                   "as the model prepares images, outputs image scores (B,) and anomaly maps (B, "
+                                   "crop, crop). It is checked against the model before it is written.")
+    p.add_argument("model", metavar="MODEL", help="model folder written by fit")
+    p.add_argument("--format", required=True, choices=("stablehlo", "onnx"),
+                   help="stablehlo (jax.export; runs with JAX alone on CPU, GPU, TPU) or onnx (needs "
+                        "pip install 'patchcore-jax[export]')")
+    p.add_argument("--out", required=True, help="the file to write (must not exist)")
+    p.add_argument("--batch", type=int, help="fix the batch size (default: any batch)")
+    p.set_defaults(func=commands.cmd_export)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)
+    args.quiet = getattr(args, "quiet", False)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        message = str(err).replace("\n", " ")
+        say(f"patchcore-jax {args.command}: error: {message}", sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted", sys.stderr)
+        return 130
+    except Exception as err:  # one line for users; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(err).replace("\n", " ")
+        say(f"patchcore-jax {args.command}: unexpected failure: {type(err).__name__}: {message} (rerun with --debug)",
+             sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

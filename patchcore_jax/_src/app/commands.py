@@ -1,0 +1,283 @@
+"""The commands of `patchcore-jax` (`cli` parses the arguments and calls one of these)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from patchcore_jax._src.app.console import (
+    RANDOM_BACKBONE_NOTE, UsageError, check_bank_size, config_from_args, configs_from_args, list_checked, new_model,
+    progress_for, say,
+)
+
+
+# -- demo -----------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from patchcore_jax._src.stages import metrics
+    from patchcore_jax._src.app import visualize
+    from patchcore_jax._src.io.data.synthetic import make_synthetic
+    from patchcore_jax._src.app.diagnostics import reference_agreement
+    from patchcore_jax._src.io.outputs import OutputDir
+    from patchcore_jax._src.model.preprocess import preprocess_masks
+
+    start = time.perf_counter()
+    for option, value in (("--train", args.train), ("--test-good", args.test_good), ("--test-defect", args.test_defect)):
+        if value < 1:
+            raise UsageError(f"{option} {value}: expected at least 1 image")
+    cfg = config_from_args(args)
+    OutputDir.check(args.out, "demo")
+    model = new_model(cfg, quiet=args.quiet)
+    check_bank_size(model, max(1, args.train - args.train // 5))
+    out = OutputDir.claim(args.out, "demo")
+    say(f"patchcore-jax demo: synthetic defects (scratch, spot, missing piece, colour change), backbone {cfg.backbone}, "
+         f"coreset {cfg.coreset_fraction:.0%}, Eq. 7 with b={cfg.num_neighbors}")
+    if cfg.weights is None:
+        say(RANDOM_BACKBONE_NOTE)
+    data = make_synthetic(seed=args.data_seed, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect)
+    model.fit(data["train"][: max(1, args.train - args.train // 5)])
+    held = data["train"][max(1, args.train - args.train // 5):]
+    say(f"memory bank: {model.num_patches_seen} patches -> coreset of {model.bank.shape[0]} x {model.bank.shape[1]}")
+    if len(held):
+        model.calibrate(held)
+        say(f"thresholds from {len(held)} held-out good image{'s' if len(held) != 1 else ''}: image {model.threshold:.4g}, pixel "
+             f"{model.pixel_threshold.value:.4g}")
+    preds = list(model.predict_iter(data["test"]))
+    scores, maps = np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
+    masks = preprocess_masks(data["masks"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
+    results = {
+        "image_auroc": metrics.image_auroc(data["labels"], scores),
+        "pixel_auroc": metrics.pixel_auroc(masks, maps),
+        "au_pro": metrics.au_pro(masks, maps),
+    }
+    say(f"image AUROC {results['image_auroc']:.4f}   pixel AUROC {results['pixel_auroc']:.4f}   "
+         f"AU-PRO (FPR <= 0.3) {results['au_pro']:.4f}")
+    agreement = reference_agreement(model, data["train"], data["test"][-4:])
+    say(f"JAX vs float64 NumPy reference on the same backbone features ({agreement['images']['train']} train, "
+         f"{agreement['images']['test']} test images): image scores max rel. diff {agreement['image_scores_max_rel_diff']:.2e}, "
+         f"maps {agreement['anomaly_maps_max_rel_diff']:.2e}, patch features {agreement['features_max_rel_diff']:.2e}, "
+         f"coreset indices equal {agreement['coreset_same_indices']:.0%}")
+    names = [f"test_{i:03d}_{k}" for i, k in enumerate(data["kinds"])]
+    scale = model.color_scale()
+    shown = list(range(0, len(names), max(1, len(names) // 12)))
+    for i in shown:
+        out.write(os.path.join("heatmaps", f"{names[i]}.png"),
+                  lambda tmp, i=i: visualize.draw_panel(tmp, image=preds[i].crop, amap=maps[i], mask=masks[i], scale=scale,
+                                                        score=preds[i].score, image_threshold=model.threshold,
+                                                        name=names[i]))
+    summary = {
+        "dataset": "synthetic",
+        "pretrained_backbone": cfg.weights is not None,
+        "config": cfg.to_dict(),
+        "metrics": results,
+        "reference_agreement": agreement,
+        "images": [{"name": n, "label": int(l), "score": float(s)} for n, l, s in zip(names, data["labels"], scores)],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out.write_json("results.json", summary)
+    say(f"wrote {out.path('results.json')} and {len(shown)} heatmaps in {out.path('heatmaps')} ({summary['seconds']} s)")
+    return 0
+
+
+# -- fit / predict --------------------------------------------------------------------------------------
+def _validation_set(folder, cfg, *, exclude):
+    """A labelled folder: `good/` holds nominal images, every other sub-folder defective ones; masks,
+    when the folder has `ground_truth/<kind>/<name>_mask.png` (MVTec's layout), for every defect."""
+    from patchcore_jax._src.io.data.datasets import labelled_folder
+
+    paths, labels, masks = labelled_folder(folder)
+    list_checked(paths, cfg, what="validation images", exclude=exclude)
+    if labels.all() or not labels.any():
+        raise UsageError(f"--validation {folder}: expected good/ and at least one defect folder, with images in both")
+    return paths, labels, masks
+
+
+def cmd_fit(args) -> int:
+    from patchcore_jax._src.io import model_files as persistence
+    from patchcore_jax._src.model.images import check_image, read_mask
+    from patchcore_jax._src.model.detector import check_quantile
+
+    cfgs = configs_from_args(args)
+    cfg = cfgs[0]  # the geometry all members share
+    try:
+        check_quantile(args.quantile)
+    except ValueError:
+        raise UsageError(f"--quantile {args.quantile}: expected a number in [0, 1]") from None
+    persistence.check_target(args.out)
+    out_abs = os.path.abspath(args.out)
+    paths = list_checked(args.train, cfg, what="training images", exclude=[out_abs])
+    held = list_checked(args.threshold_from, cfg, what="held-out images", exclude=[out_abs]) if args.threshold_from else []
+    validation = _validation_set(args.validation, cfg, exclude=[out_abs]) if args.validation else None
+    model = new_model(cfgs, quiet=args.quiet)
+    check_bank_size(model, len(paths))
+    if any(c.weights is None for c in cfgs):
+        say(RANDOM_BACKBONE_NOTE, sys.stderr)
+    model.fit(paths)
+    if held:
+        model.calibrate(held, quantile=args.quantile)
+        say(f"thresholds from {len(held)} held-out good images (quantile {args.quantile}): image {model.threshold:.6g}, "
+             f"pixel {model.pixel_threshold.value:.6g}")
+    if validation is not None:
+        paths_v, labels_v, masks_v = validation
+        masks = None if masks_v is None else [np.zeros(check_image(p), np.uint8) if m is None else read_mask(m)
+                                              for p, m in zip(paths_v, masks_v)]
+        report = model.calibrate_f1(paths_v, labels_v, masks, mask_rule=args.mask_rule)
+        for kind in ("image", "pixel"):
+            if kind in report:
+                r = report[kind]
+                say(f"{kind} threshold {r['threshold']:.6g}, F1-optimal on {len(paths_v)} validation images: "
+                     f"precision {r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f}")
+    model.save(args.out)
+    say(f"fitted on {len(paths)} images: {model.describe()}; saved {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from patchcore_jax._src.app import visualize
+    from patchcore_jax._src.model.images import display, read_image
+    from patchcore_jax._src.model.detector import Threshold, check_threshold
+    from patchcore_jax._src.io.outputs import OutputDir
+    from patchcore_jax._src.api.loading import load
+
+    given = {}
+    for option, value in (("--threshold", args.threshold), ("--pixel-threshold", args.pixel_threshold)):
+        try:
+            given[option] = check_threshold(value)
+        except ValueError:
+            raise UsageError(f"{option} {value}: expected a finite number") from None
+    out_abs = OutputDir.check(args.out, "predict")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        model = load(args.model, progress=progress_for(args.quiet))
+    paths = list_checked(args.images, model.config, what="images", exclude=[out_abs])
+    if given["--threshold"] is not None:
+        model.threshold = given["--threshold"]
+    if given["--pixel-threshold"] is not None:
+        model.pixel_threshold = Threshold(given["--pixel-threshold"], "manual")
+    if any(c.weights is None for c in getattr(model, "configs", [model.config])):
+        say("NOTE: this model was fitted with a randomly initialised backbone (no --weights); its scores are weak.",
+             sys.stderr)
+    out = OutputDir.claim(out_abs, "predict")
+    names = _mirrored_names(paths)
+    scale = model.color_scale()
+    above = 0
+    with out.open_stream("scores.csv") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "score", "normalized_score", "anomalous", "heatmap"])
+        for pred, path, rel in zip(model.predict_iter(paths), paths, names):
+            label = "" if model.threshold is None else int(pred.score > model.threshold)
+            above += label == 1
+            norm = model.normalized_scores([pred.score])
+            heatmap = None if args.no_heatmaps else os.path.join("heatmaps", rel + ".png")
+            writer.writerow([display(path), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
+                             "" if heatmap is None else display(heatmap)])
+            amap, image = pred.anomaly_map, pred.crop
+            if args.full_frame:
+                amap, image = model.frame_map(pred.anomaly_map, pred.size), read_image(path)
+            if heatmap is not None:
+                out.write(heatmap, lambda tmp, p=pred, a=amap, im=image, n=display(path): visualize.draw_panel(
+                    tmp, image=im, amap=a, scale=scale, score=p.score, image_threshold=model.threshold, name=n))
+            if args.save_maps:
+                out.write(os.path.join("maps", rel + ".npy"), lambda tmp, a=amap: visualize.save_npy(tmp, a))
+            if args.save_masks:
+                predicted = np.nan_to_num(amap, nan=-np.inf) > model.pixel_threshold.value
+                out.write(os.path.join("masks", rel + ".png"), lambda tmp, m=predicted: visualize.save_mask_png(tmp, m))
+    written = [w for w, on in (("heatmaps", not args.no_heatmaps), ("maps", args.save_maps), ("masks", args.save_masks)) if on]
+    say(f"scored {len(paths)} images: {out.path('scores.csv')}" + "".join(f", {out.path(w)}" for w in written))
+    if model.threshold is not None:
+        say(f"{above} above the image threshold {model.threshold:.6g} ({model.image_threshold.rule})")
+    return 0
+
+
+def _mirrored_names(paths: list[str]) -> list[str]:
+    """Output names mirroring the inputs' paths relative to their common folder: distinct inputs get
+    distinct names (`a/b.png` and `a_b.png` stay apart; `x.png` and `x.jpg` keep their suffixes)."""
+    absolute = [os.path.abspath(p) for p in paths]
+    base = os.path.commonpath(absolute) if len(set(absolute)) > 1 else os.path.dirname(absolute[0])
+    if base in absolute:  # one file given twice
+        base = os.path.dirname(base)
+    return [os.path.relpath(p, base) for p in absolute]
+
+
+# -- evaluate -------------------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from patchcore_jax._src.app import evaluate
+
+    if args.heatmaps < 0:
+        raise UsageError(f"--heatmaps {args.heatmaps}: expected an integer >= 0")
+    cfgs = [evaluate.protocol_config(args.dataset, c, crop_given=args.crop is not None) for c in configs_from_args(args)]
+    cfg = cfgs if len(cfgs) > 1 else cfgs[0]
+    if args.source == "tfds":
+        import tensorflow_datasets as tfds
+
+        if args.quiet:
+            tfds.disable_progress_bar()
+    if any(c.weights is None for c in cfgs):
+        say(RANDOM_BACKBONE_NOTE)
+    report = evaluate.evaluate(args.dataset, args.root, cfg, out=args.out, categories=args.categories,
+                               source=args.source, tfds_dir=args.tfds_dir, heatmaps=args.heatmaps,
+                               mask_rule=args.mask_rule, progress=progress_for(args.quiet), log=say)
+    mean = report["mean"]
+    say(f"mean over {len(report['categories'])} categories: image AUROC {evaluate.fmt(mean['image_auroc'])}  pixel AUROC "
+         f"{evaluate.fmt(mean['pixel_auroc'])}  AU-PRO {evaluate.fmt(mean['au_pro'])}; "
+         f"wrote {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+# -- convert-weights ------------------------------------------------------------------------------------
+def cmd_convert_weights(args) -> int:
+    from patchcore_jax._src.model import weights
+
+    if not args.output.endswith(".safetensors"):
+        raise UsageError(f"{args.output}: the output must end in .safetensors")
+    if os.path.lexists(args.output):
+        raise UsageError(f"{args.output}: exists; refusing to overwrite it (give a new file name)")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{args.output}: its folder {parent} does not exist or is not writable")
+    state = weights.read_state_dict(args.input)
+    tmp = f"{args.output}.tmp-{os.getpid()}"
+    try:
+        weights.save_safetensors(state, tmp)
+        os.link(tmp, args.output)  # fails, rather than overwrite, if the name appeared meanwhile
+    except FileExistsError:
+        raise UsageError(f"{args.output}: exists; refusing to overwrite it") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    say(f"wrote {args.output}: {len(state)} tensors")
+    return 0
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from patchcore_jax._src.api.loading import load
+    from patchcore_jax._src.io import export
+
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: expected an integer >= 1")
+    try:
+        export.check_destination(args.out)
+    except ValueError as err:
+        raise UsageError(f"--out {err}") from None
+    missing = export.missing_onnx_packages() if args.format == "onnx" else []
+    if missing:
+        raise UsageError(f"--format onnx: needs {', '.join(missing)}; pip install 'patchcore-jax[export]'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        model = load(args.model, progress=progress_for(args.quiet))
+    if hasattr(model, "members"):
+        raise UsageError(f"{args.model}: an ensemble of {len(model.members)} members; export writes one model's program "
+                         "(ensembles are not exported)")
+    meta = model.export(args.out, format=args.format, batch=args.batch)
+    b, c = meta["input"]["shape"][0], model.config.crop
+    check = meta["verification"]
+    say(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB): {args.format} program, input crops uint8 "
+         f"({b}, {c}, {c}, 3), outputs scores ({b},) and maps ({b}, {c}, {c}); equal to the model's on "
+         f"{check['crops']} test crops to {check['scores_max_rel_diff']:.1e} (scores) and "
+         f"{check['maps_max_rel_diff']:.1e} (maps), max. rel. diff")
+    return 0

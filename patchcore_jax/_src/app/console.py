@@ -1,0 +1,190 @@
+"""What the command line's commands share: one-line messages, usage errors, progress bars, and the
+model options turned into checked settings. With `cli` and `commands`, the only code that prints."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+
+RANDOM_BACKBONE_NOTE = (
+    "NOTE: no --weights given, so the backbone is RANDOMLY initialised (not pretrained). PatchCore's accuracy "
+    "comes from ImageNet features: expect far lower numbers than with pretrained weights. Fetch torchvision's "
+    "IMAGENET1K_V1 wide_resnet50_2 (or timm's wide_resnet50_2.tv_in1k safetensors) and pass --weights FILE."
+)
+
+
+# Config fields as the options that set them, so errors name what the user typed.
+OPTION_OF = {
+    "backbone": "--backbone", "weights": "--weights", "resize": "--resize", "crop": "--crop",
+    "coreset_fraction": "--coreset", "num_neighbors": "--neighbors", "seed": "--seed", "batch_size": "--batch-size",
+    "projection_dim": "--projection-dim", "coreset_dtype": "--coreset-dtype", "geometry": "--geometry",
+    "layers": "--layers", "target_dim": "--target-dim", "pretrain_dim": "--pretrain-dim", "search": "--search",
+}
+
+
+class UsageError(Exception):
+    """Bad arguments or input: reported as one line, exit status 2."""
+
+
+def say(message: str, file=None) -> None:
+    """Prints a line whatever bytes a path in it holds (undecodable bytes as \\xNN)."""
+    from patchcore_jax._src.model.images import display
+
+    file = file or sys.stdout
+    print(display(message), file=file, flush=True)
+
+
+def version() -> str:
+    from patchcore_jax._src.version import __version__
+
+    return __version__
+
+
+# -- shared argument handling ---------------------------------------------------------------------------
+def weights_spec(weights: str) -> str:
+    """Checks a --weights value now (a file, or a name fetched or found in the Hub cache)."""
+    from patchcore_jax._src.io import hub
+
+    if hub.repo_of(weights) is not None:
+        try:
+            hub.resolve(weights)  # fetched (or found in the cache) now, before any work
+        except ValueError as err:
+            raise UsageError(f"--weights {err}") from None
+        return weights
+    if not os.path.isfile(weights):
+        raise UsageError(f"--weights {weights}: no such file (nor a known name: an alias such as "
+                         f"{', '.join(sorted(hub.ALIASES)[:4])}, ... or a Hub repository org/name)")
+    if not weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        raise UsageError(f"--weights {weights}: expected a .safetensors or .pth state dict")
+    return os.path.abspath(weights)
+
+
+def configs_from_args(args, **overrides) -> list:
+    """One PatchCoreConfig per --backbone (an ensemble when repeated), with one --weights per backbone."""
+    from patchcore_jax._src.model.config import PatchCoreConfig
+
+    backbones = getattr(args, "backbone", None) or [None]
+    weights = getattr(args, "weights", None) or [None] * len(backbones)
+    if len(weights) != len(backbones):
+        raise UsageError(f"--weights: give one per --backbone ({len(backbones)} backbones, {len(weights)} --weights)")
+    if len(backbones) > 1 and getattr(args, "layers", None):
+        raise UsageError("--layers: applies to a single --backbone; ensemble members use each backbone's natural taps")
+    shared = {name: getattr(args, name) for name in OPTION_OF
+              if name not in ("backbone", "weights") and getattr(args, name, None) is not None}
+    shared.update(overrides)
+    configs = []
+    for backbone, weight in zip(backbones, weights):
+        fields = dict(shared)
+        if backbone is not None:
+            fields["backbone"] = backbone
+        if weight is not None:
+            fields["weights"] = weights_spec(weight)
+        try:
+            configs.append(PatchCoreConfig(**fields))
+        except ValueError as err:
+            field, _, rest = str(err).partition(": ")
+            if field in OPTION_OF:
+                raise UsageError(f"{OPTION_OF[field]}: {rest}") from None
+            raise UsageError(str(err)) from None
+    return configs
+
+
+def config_from_args(args, **overrides):
+    configs = configs_from_args(args, **overrides)
+    if len(configs) > 1:
+        raise UsageError(f"--backbone: patchcore-jax {args.command} takes one backbone, got {len(configs)}")
+    return configs[0]
+
+
+def add_model_options(p, *, coreset_default=None):
+    p.add_argument("--weights", action="append",
+                   help="torchvision/timm state dict (.safetensors, or .pth with torch installed), or a name fetched "
+                        "once through the Hugging Face cache: timm/wide_resnet50_2.tv_in1k, or an alias (wrn50, wrn101, "
+                        "r18, r50, rx101, dn201, ...); one per --backbone")
+    p.add_argument("--backbone", action="append",
+                   help="torchvision name: resnet18/34/50/101, wide_resnet50_2/101_2, resnext50_32x4d, resnext101_32x8d, "
+                        "densenet121/169/201 (default wide_resnet50_2); repeat it for an ensemble")
+    p.add_argument("--layers", nargs="+", help="feature taps, finest first (default layer2 layer3; DenseNet: "
+                                                "denseblock2 denseblock3)")
+    p.add_argument("--coreset", dest="coreset_fraction", type=float, default=coreset_default,
+                   help="coreset fraction, the paper's PatchCore-n%% (default 0.1)")
+    p.add_argument("--resize", type=int, help="shorter side after resizing (default 256)")
+    p.add_argument("--crop", type=int, help="centre crop size (default 224)")
+    p.add_argument("--geometry", choices=("center_crop", "squash"),
+                   help="center_crop (default: resize the shorter side, crop the centre) or squash (resize the "
+                        "whole image to crop x crop)")
+    p.add_argument("--neighbors", dest="num_neighbors", type=int, help="b of Eq. 7 (default 9; 1 = plain maximum)")
+    p.add_argument("--target-dim", type=int, help="patch feature width after aggregation (default 1024; the published "
+                                                   "ensembles use 384)")
+    p.add_argument("--pretrain-dim", type=int, help="per-layer width before the final pooling (default 1024)")
+    p.add_argument("--projection-dim", type=int, help="coreset projection width (default 128; 0 = none)")
+    p.add_argument("--coreset-dtype", choices=("float32", "bfloat16"), help="storage of the projected bank")
+    p.add_argument("--search", choices=("auto", "brute", "clustered"),
+                   help="exact search index: clustered (prunes; fastest on a CPU), brute (for GPU/TPU), or auto "
+                        "(default: by the backend the model runs on); the same results")
+    p.add_argument("--batch-size", type=int, help="images per compiled step (default 8)")
+    p.add_argument("--seed", type=int, help="seed of projection, start points and a random backbone (default 0)")
+
+
+def new_model(cfg, *, quiet: bool):
+    """A PatchCore for one config, an ensemble for several, reporting to progress bars unless quiet."""
+    from patchcore_jax._src.api.ensemble import PatchCoreEnsemble
+    from patchcore_jax._src.api.patchcore import PatchCore
+
+    progress = progress_for(quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        if isinstance(cfg, list):
+            return PatchCore(cfg[0], progress=progress) if len(cfg) == 1 else PatchCoreEnsemble(cfg, progress=progress)
+        return PatchCore(cfg, progress=progress)
+
+
+class ProgressBars:
+    """A progress callback `(stage, done, total)` drawn as one tqdm bar per stage on stderr."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            from tqdm.auto import tqdm
+
+            unit = "step" if "coreset" in stage else "img"
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def progress_for(quiet: bool):
+    """The progress callback of a command: bars on stderr, or none with --quiet."""
+    return None if quiet else ProgressBars()
+
+
+def list_checked(paths, cfg, *, what: str, exclude=()):
+    """Lists image files and reads every header now (mode, size, and the size after resizing), so a
+    bad file stops the run before any work."""
+    from patchcore_jax._src.model.images import check_image, display, list_images
+    from patchcore_jax._src.model.preprocess import check_geometry
+
+    found = list_images(paths, exclude=exclude)
+    if not found:
+        raise UsageError(f"{' '.join(display(p) for p in ([paths] if isinstance(paths, str) else paths))}: "
+                         f"no {what} found (looked for .png, .jpg, .bmp, .tif, ... files; hidden files are skipped)")
+    for p in found:
+        h, w = check_image(p)
+        check_geometry(h, w, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=display(p))
+    return found
+
+
+def check_bank_size(model, num_images: int) -> None:
+    size = model.bank_size_for(num_images)
+    if size < model.config.num_neighbors:
+        raise UsageError(f"--neighbors {model.config.num_neighbors}: {num_images} training images give a memory bank "
+                         f"of {size} rows; use at most {size}, more images, or a larger --coreset")

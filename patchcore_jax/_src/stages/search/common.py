@@ -1,0 +1,153 @@
+"""The pieces every exact search shares (the brute-force and the clustered index): the power-of-two
+scaling, the ranking keys and their error bounds, the certificate, the exact fallback, and the split
+of a CPU search over host threads.
+
+A prepared index (`brute.BankIndex`, `clustered.ClusteredIndex`) answers the protocol that
+`search.index` dispatches on: `search_traced(queries, *, k, query_block)`, `bank_rows(idx)`,
+`distances_to(centred_queries, idx)` and `host_parts(queries)`, and has `centre`, `size` and `rows`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def exponent(x):
+    """`e` with `x = m * 2**e`, `m` in [0.5, 1) (0 for x = 0): the binary exponent, exactly."""
+    return jnp.frexp(x)[1]
+
+
+def scale_pow2(x, e):
+    """`x * 2**e` exactly for integer `e` (broadcast), in two steps so that `2**e` itself need not be
+    representable (|e| up to ~250 covers every float32 ratio)."""
+    half = e // 2
+    one = jnp.ones((), x.dtype)
+    return x * jnp.ldexp(one, half) * jnp.ldexp(one, e - half)
+
+
+def merge_topk(best_d, best_i, new_d, new_i, k):
+    """Keeps the k smallest of two candidate lists; on equal distances the earlier list (lower bank
+    indices) wins, because `lax.top_k` is stable."""
+    d = jnp.concatenate([best_d, new_d], axis=1)
+    i = jnp.concatenate([best_i, new_i], axis=1)
+    neg, pos = jax.lax.top_k(-d, k)
+    return -neg, jnp.take_along_axis(i, pos, axis=1)
+
+
+RANK_SCALE_FLOOR = -126  # the ranking's per-query weight 2**-g stays a normal float32
+
+
+# -- the pieces every exact search shares (the brute-force and the clustered index) ---------------
+def scaled_queries(centred, log2_scale):
+    """Centred queries (bank units) -> `(q, g)`: `q = centred * 2**(log2_scale - g)` with its largest
+    entry below 2, where `g >= 0` is the extra per-query exponent of a query far outside the bank."""
+    e_q = exponent(jnp.max(jnp.abs(centred), axis=1))
+    g = jnp.maximum(e_q + log2_scale - 1, 0).astype(jnp.int32)
+    return scale_pow2(centred, (log2_scale - g)[:, None]), g
+
+
+def rank_weight(g, dtype):
+    return jnp.ldexp(jnp.ones((), dtype), jnp.maximum(-g, RANK_SCALE_FLOOR))
+
+
+def rank_keys(q, w, rows, norms):
+    """`(||b||^2 * 2**-g - 2 q.b)`: the squared distance up to a per-query constant and scale."""
+    return norms[None, :] * w[:, None] - 2.0 * jnp.dot(q, rows.T, precision=HIGHEST)
+
+
+def gamma(dim, dtype):
+    """The worst-case relative error of a `dim`-term dot product (Higham's gamma_n), with room for
+    the few roundings around it."""
+    return (dim + 4) * jnp.finfo(dtype).eps / 2
+
+
+def rank_lower_bounds(q, w, rows, norms, q_norm, gamma):
+    """Lower bounds of `rank_keys`: each key less its worst-case error `gamma (w ||b||^2 + 2 ||q|| ||b||)`
+    (doubled, which also covers the few roundings of forming it). Padding (infinite norm) stays inf."""
+    finite = jnp.isfinite(norms)
+    b_norm = jnp.sqrt(jnp.where(finite, norms, 0.0))
+    keys = (norms[None, :] * (w * (1.0 - 2.0 * gamma))[:, None] - 2.0 * jnp.dot(q, rows.T, precision=HIGHEST)
+            - (4.0 * gamma * q_norm)[:, None] * b_norm[None, :])
+    return jnp.where(finite[None, :], keys, jnp.inf)
+
+
+def exact_sq(q, g, cand_rows):
+    """`||q - b * 2**-g||^2` for candidates `(qb, c, D)`: differences, so no cancellation."""
+    return jnp.sum(jnp.square(q[:, None, :] - scale_pow2(cand_rows, -g[:, None, None])), axis=-1)
+
+
+def certified(q, w, lower_last, dk_sq, gamma):
+    """True where no row outside the candidates can be nearer than the k-th candidate.
+
+    A row outside the candidates has a key lower bound of at least `lower_last`, so its squared
+    distance (per-query units) is at least `||q||^2 + w * lower_last`; the k-th exact squared distance
+    must lie below that, with room for the rounding of both sides (`||q||^2` and the exact distance
+    carry at most `gamma` relative error each, doubled for the sums here).
+    """
+    q_sq = jnp.sum(jnp.square(q), axis=1)
+    return dk_sq * (1.0 + 2.0 * gamma) < q_sq * (1.0 - 2.0 * gamma) + w * lower_last
+
+
+def unscale_distances(sq, g, log2_scale):
+    """Per-query squared distances in scaled units -> distances in the bank's units."""
+    return scale_pow2(jnp.sqrt(sq), g[:, None] - log2_scale)
+
+
+def exact_pass(q, g, rows, valid, ids, k, block):
+    """The fallback for one query: exact squared distances by differences to every row (bank block
+    by bank block), then the k smallest; `valid` masks padding. `ids` must ascend, so the stable
+    top-k sends ties to the lower id."""
+    n_blocks = rows.shape[0] // block
+    blocks = rows.reshape(n_blocks, block, -1)
+    sq = jax.lax.map(lambda b_rows: jnp.sum(jnp.square(q[None, :] - scale_pow2(b_rows, -g)), axis=1), blocks)
+    neg, pos = jax.lax.top_k(-jnp.where(valid, sq.reshape(-1), jnp.inf), k)
+    return -neg, ids[pos]
+
+
+def fix_uncertified(ok, sq, idx, one_query):
+    """Replaces the results of the queries not certified by `one_query(i) -> (sq (k,), idx (k,))`,
+    one query at a time (a while loop: certified queries cost nothing)."""
+    def body(state):
+        ok, sq, idx = state
+        i = jnp.argmin(ok)
+        s, j = one_query(i)
+        return ok.at[i].set(True), sq.at[i].set(s), idx.at[i].set(j)
+
+    _, sq, idx = jax.lax.while_loop(lambda s: ~jnp.all(s[0]), body, (ok, sq, idx))
+    return sq, idx
+
+
+# -- host threads -------------------------------------------------------------------------------
+# The visits are one `lax.while_loop` of small products, and XLA runs a loop on one CPU core. On a CPU
+# device a search of many queries is therefore split into parts searched from as many host threads as
+# the process has cores (XLA runs programs from different threads at once), the way faiss spreads its
+# queries over OpenMP threads. Each query's result does not depend on the others, so the parts give
+# the same results, bit for bit, as one call. Accelerators run one call: their loops are not bound to
+# one core.
+MIN_PART = 512  # queries per thread at least; smaller searches run in one call
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def in_parts(fn, parts: int, *arrays):
+    """`fn(*arrays)` computed on `parts` contiguous slices of the leading axis from as many threads,
+    the outputs (a pytree of arrays with that leading axis) concatenated."""
+    if parts <= 1:
+        return fn(*arrays)
+    n = arrays[0].shape[0]
+    bounds = [n * i // parts for i in range(parts + 1)]
+    with concurrent.futures.ThreadPoolExecutor(parts) as pool:
+        outs = list(pool.map(lambda i: jax.block_until_ready(fn(*(a[bounds[i] : bounds[i + 1]] for a in arrays))),
+                             range(parts)))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
