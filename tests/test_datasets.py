@@ -6,6 +6,7 @@ import pytest
 
 from patchcore_jax._src.app import cli
 from patchcore_jax._src.io.data import datasets as datasets
+from patchcore_jax._src.model.geometry import ImageGeometry
 from tests import dataset_trees
 
 SMALL = ["--backbone", "resnet18", "--neighbors", "3", "--quiet", "--heatmaps", "2"]
@@ -36,12 +37,12 @@ def test_readers_follow_the_layouts(trees):
 
 def test_records_have_the_published_geometry(trees):
     (grid,) = datasets.mvtec(trees["mvtec"], ["grid"])
-    rec = datasets.load_sample(next(s for s in grid.test if s.label), size=256)
+    rec = datasets.load_sample(next(s for s in grid.test if s.label), geometry=ImageGeometry.square(256))
     assert rec["image"].shape == (256, 256, 3) and rec["image"].dtype == np.uint8  # grayscale expanded
     assert rec["mask"].shape == (256, 256) and rec["mask"].dtype == np.uint8 and 0 < rec["mask"].mean() < 255
     (tile,) = datasets.mtd(trees["mtd"])
     for s in tile.train:  # odd, differing sizes all come out square
-        assert datasets.load_sample(s, size=256)["image"].shape == (256, 256, 3)
+        assert datasets.load_sample(s, geometry=ImageGeometry.square(256))["image"].shape == (256, 256, 3)
 
 
 def _evaluate(tmp_path, dataset, root, source, *extra):

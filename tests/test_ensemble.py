@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
+import patchcore_jax
+
 from patchcore_jax._src.app import cli
 from patchcore_jax._src.io import model_files as persistence
 from patchcore_jax._src.model.config import PatchCoreConfig
@@ -71,7 +73,7 @@ def test_saved_and_loaded_as_one_sealed_folder(pair, data, tmp_path):
     pair.save(tmp_path / "ens")
     names = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "ens") for d, _, fs in os.walk(tmp_path / "ens") for f in fs)
     assert names == ["ensemble.json", "manifest.json"] + [f"member-{i}/{f}" for i in (0, 1) for f in persistence.FILES]
-    loaded = quiet(persistence.load, tmp_path / "ens", progress=False)
+    loaded = quiet(patchcore_jax.load, tmp_path / "ens", progress=False)
     assert isinstance(loaded, PatchCoreEnsemble) and loaded.threshold == pair.threshold
     want, want_maps = pair.predict(data["test"])
     got, got_maps = loaded.predict(data["test"])

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from patchcore_jax._src.app import cli
-from patchcore_jax._src.io import export
+from patchcore_jax import export
+from patchcore_jax._src.io import atomic
+from patchcore_jax._src.io import export as export_impl
 from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax.data import make_synthetic
 from patchcore_jax._src.api.patchcore import PatchCore
@@ -221,7 +223,7 @@ def test_export_checks_its_arguments_and_never_overwrites(fitted, tmp_path):
     with pytest.raises(ValueError, match="not fitted"):
         export.export_model(unfitted, tmp_path / "b", format="stablehlo")
     with pytest.raises(ValueError, match="mine.onnx: exists"):
-        export._write_new(str(mine), b"new")  # the name taken between the check and the link
+        atomic.write_new(str(mine), b"new")  # the name taken between the check and the link
     assert mine.read_text() == "my file" and sorted(os.listdir(tmp_path)) == ["mine.onnx", "model"]
     # The model folder is left as it was: nothing was written into it.
     assert {f: (tmp_path / "model" / f).read_bytes() for f in os.listdir(tmp_path / "model")} == saved
@@ -230,13 +232,13 @@ def test_export_checks_its_arguments_and_never_overwrites(fitted, tmp_path):
 
 def test_a_program_that_disagrees_with_the_model_is_not_written(fitted, tmp_path, monkeypatch):
     model, _, _ = fitted
-    honest = export.serving_function
+    honest = export_impl.serving_function
 
     def off_by_a_little(m, **kwargs):
         fn = honest(m, **kwargs)
         return lambda crops: (fn(crops)[0] * 1.001, fn(crops)[1])
 
-    monkeypatch.setattr(export, "serving_function", off_by_a_little)
+    monkeypatch.setattr(export_impl, "serving_function", off_by_a_little)
     with pytest.raises(export.ExportError, match="scores differ from the model's"):
         model.export(tmp_path / "bad.stablehlo", format="stablehlo")
     assert os.listdir(tmp_path) == []
@@ -279,7 +281,7 @@ def test_cli_export_end_to_end_and_its_refusals(fitted, tmp_path, monkeypatch, c
         code = _cli("export", str(folder), *args)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
-    monkeypatch.setattr(export, "missing_onnx_packages", lambda: ["jax2onnx", "onnxruntime"])
+    monkeypatch.setattr(export_impl, "missing_onnx_packages", lambda: ["jax2onnx", "onnxruntime"])
     assert _cli("export", str(folder), "--format", "onnx", "--out", str(tmp_path / "m.onnx")) == 2
     assert "pip install 'patchcore-jax[export]'" in capsys.readouterr().err
     monkeypatch.undo()

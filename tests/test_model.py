@@ -100,9 +100,9 @@ def test_images_of_any_size_in_one_list_keep_their_order(fitted, data):
 
 def test_one_compiled_shape_whatever_the_input_sizes(fitted, data):
     fitted.predict(data["test"][:1])
-    before = fitted._embed_fn._cache_size()
+    before = fitted.embed_fn._cache_size()
     fitted.predict([data["test"][0][:70, :90], data["test"][1], np.zeros((33, 47, 3), np.uint8)] * 2)
-    assert fitted._embed_fn._cache_size() == before
+    assert fitted.embed_fn._cache_size() == before
 
 
 def test_bare_3d_arrays_are_refused_with_a_way_out(fitted, data):
@@ -256,7 +256,7 @@ def test_a_scoring_thread_error_reaches_the_caller_and_the_thread_stays_usable(f
     import jax.numpy as jnp
 
     want, _ = fitted.predict(data["test"][:3])
-    real_embed = fitted.embed_crops
+    real_embed = fitted.executor.embed
     monkeypatch.setattr(fitted.executor, "embed", lambda crops: real_embed(crops) * jnp.nan)
     with pytest.raises(ValueError, match="NaN or infinite scores"):
         fitted.predict(data["test"][:3])

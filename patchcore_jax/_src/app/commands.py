@@ -23,7 +23,6 @@ def cmd_demo(args) -> int:
     from patchcore_jax._src.io.data.synthetic import make_synthetic
     from patchcore_jax._src.app.diagnostics import reference_agreement
     from patchcore_jax._src.io.outputs import OutputDir
-    from patchcore_jax._src.model.preprocess import preprocess_masks
 
     start = time.perf_counter()
     for option, value in (("--train", args.train), ("--test-good", args.test_good), ("--test-defect", args.test_defect)):
@@ -48,7 +47,7 @@ def cmd_demo(args) -> int:
              f"{model.pixel_threshold.value:.4g}")
     preds = list(model.predict_iter(data["test"]))
     scores, maps = np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
-    masks = preprocess_masks(data["masks"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
+    masks = cfg.image_geometry.masks(data["masks"])
     results = {
         "image_auroc": metrics.image_auroc(data["labels"], scores),
         "pixel_auroc": metrics.pixel_auroc(masks, maps),

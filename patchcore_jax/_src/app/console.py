@@ -171,7 +171,6 @@ def list_checked(paths, cfg, *, what: str, exclude=()):
     """Lists image files and reads every header now (mode, size, and the size after resizing), so a
     bad file stops the run before any work."""
     from patchcore_jax._src.model.images import check_image, display, list_images
-    from patchcore_jax._src.model.preprocess import check_geometry
 
     found = list_images(paths, exclude=exclude)
     if not found:
@@ -179,7 +178,7 @@ def list_checked(paths, cfg, *, what: str, exclude=()):
                          f"no {what} found (looked for .png, .jpg, .bmp, .tif, ... files; hidden files are skipped)")
     for p in found:
         h, w = check_image(p)
-        check_geometry(h, w, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=display(p))
+        cfg.image_geometry.check(h, w, name=display(p))
     return found
 
 

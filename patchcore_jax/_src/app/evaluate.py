@@ -107,8 +107,7 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
             yield rec["image"]
 
     scores, maps = _score_set(model, images(), meta)
-    masks = np.stack([preprocess.preprocess_mask(r["mask"], resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
-                                                 rule=mask_rule, name=r["name"]) for r in meta])
+    masks = np.stack([cfg.image_geometry.mask(r["mask"], rule=mask_rule, name=r["name"]) for r in meta])
     labels = np.array([int(r["label"]) for r in meta])
     has_masks = all(bool(r.get("has_mask", True)) for r in meta)
     image_f1 = _metric(metrics.f1_optimal_threshold, labels, scores) if labels.any() else None
@@ -211,7 +210,7 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
             splits = tfds_builders.prepared_splits(dataset, cat.name, root=root,
                                                    data_dir=tfds_dir or outdir.path("tfds"))
         else:
-            splits = {s: datasets.FolderSplit(getattr(cat, s), size=config.resize, squash=cat.squash) for s in ("train", "test")}
+            splits = {s: datasets.FolderSplit(getattr(cat, s), geometry=cat.geometry(config.resize)) for s in ("train", "test")}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
             model = (PatchCore(config, progress=progress) if len(configs) == 1

@@ -12,9 +12,10 @@ line saying how to get the file. `HF_HUB_CACHE` and `HF_ENDPOINT` are read at ea
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
+
+from patchcore_jax._src.io import atomic
 
 FILENAME = "model.safetensors"
 # Per backbone: the timm repository of torchvision's IMAGENET1K_V1 weights, and its short alias.
@@ -79,10 +80,6 @@ def verify(path: str, spec: str = "") -> None:
     blob = os.path.basename(os.path.realpath(path))
     if not _SHA256.match(blob):
         raise ValueError(f"{path}: cannot verify the weights {spec!r}: the cache entry is not named by a sha256")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != blob:
+    if atomic.file_sha256(path) != blob:
         raise ValueError(f"{os.path.realpath(path)}: the cached weights {spec!r} do not match their sha256 "
                          "(damaged or modified); delete the file and download it again")

@@ -20,10 +20,11 @@ import json
 import os
 from typing import Callable
 
+from patchcore_jax._src.io import atomic
 from patchcore_jax._src.model.images import OUTPUT_MARKER, display
 
 MARKER = OUTPUT_MARKER
-_TMP = ".tmp-patchcore-jax"
+_TMP = atomic.TMP_SUFFIX
 
 
 class OutputDir:
@@ -101,15 +102,7 @@ class OutputDir:
 
     def write(self, rel: str, writer: Callable[[str], None]) -> str:
         """Atomically creates `rel`: `writer(temporary_path)` writes the content, then it is renamed."""
-        target = self._record(rel)
-        tmp = target + _TMP
-        try:
-            writer(tmp)
-            os.replace(tmp, target)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-        return target
+        return atomic.replace_file(self._record(rel), writer)
 
     def write_text(self, rel: str, text: str) -> str:
         def writer(tmp):

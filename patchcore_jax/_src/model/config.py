@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from patchcore_jax._src.model.backbone import ARCHITECTURES, default_layers, layer_names
+from patchcore_jax._src.model.geometry import ImageGeometry
 
 _DTYPES = ("float32", "bfloat16")
 GEOMETRIES = ("center_crop", "squash")
@@ -110,6 +111,11 @@ class PatchCoreConfig:
             raise ValueError(f"search: expected one of {SEARCHES}, got {self.search!r}")
         if self.weights is not None and not isinstance(self.weights, str):
             raise ValueError(f"weights: expected a path string or None, got {self.weights!r}")
+
+    @property
+    def image_geometry(self) -> ImageGeometry:
+        """`resize`, `crop` and `geometry` as the one value images, masks and maps go through."""
+        return ImageGeometry(resize=self.resize, crop=self.crop, mode=self.geometry)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}

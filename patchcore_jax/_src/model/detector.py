@@ -81,7 +81,7 @@ class Detector:
     def _prepare(self, image, name: str) -> tuple[np.ndarray, tuple[int, int]]:
         cfg = self.config
         rgb = preprocess.load_image(image, name=name)
-        crop = preprocess.preprocess_image(rgb, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry, name=name)
+        crop = cfg.image_geometry.image(rgb, name=name)
         return crop, rgb.shape[:2]
 
     def crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray, list[tuple[int, int]]]]:
@@ -103,7 +103,7 @@ class Detector:
         """A map `(crop, crop)` placed back into its image's original frame `size = (H, W)`: float32
         `(H, W)`, NaN where the model did not look (outside the centre crop)."""
         cfg = self.config
-        return preprocess.map_to_frame(anomaly_map, size, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry)
+        return cfg.image_geometry.to_frame(anomaly_map, size)
 
     @staticmethod
     def count(images) -> int | None:
@@ -224,8 +224,7 @@ class Detector:
         if masks is not None:
             if len(masks) != len(scores):
                 raise ValueError(f"masks: expected one mask per image ({len(scores)}), got {len(masks)}")
-            crops = np.stack([preprocess.preprocess_mask(m, resize=cfg.resize, crop=cfg.crop, geometry=cfg.geometry,
-                                                         rule=mask_rule, name=f"masks[{i}]") for i, m in enumerate(masks)])
+            crops = np.stack([cfg.image_geometry.mask(m, rule=mask_rule, name=f"masks[{i}]") for i, m in enumerate(masks)])
             pixel = metrics.f1_optimal_threshold(crops, maps)
             self.pixel_threshold = Threshold(pixel["threshold"], f"F1-optimal over the pixels of a validation set of "
                                                                   f"{len(scores)} images (F1 {pixel['f1']:.3f})")

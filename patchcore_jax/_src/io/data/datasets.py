@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from patchcore_jax._src.model import preprocess
+from patchcore_jax._src.model.geometry import ImageGeometry
 from patchcore_jax._src.model.images import display, list_images, read_image, read_mask
 
 MVTEC_CATEGORIES = (
@@ -60,6 +60,10 @@ class Category:
     train: tuple[Sample, ...]
     test: tuple[Sample, ...]
     squash: bool = False  # resize to a square ignoring the aspect (mSTC) instead of shorter side + crop
+
+    def geometry(self, size: int) -> ImageGeometry:
+        """The geometry of this category's records at `size x size` (its protocol's: cropped or squashed)."""
+        return ImageGeometry.square(size, squash=self.squash)
     has_masks: bool = True  # False: labels only (an MVTec-style tree without ground_truth/)
 
 
@@ -221,11 +225,11 @@ def _load_npy(path: str) -> np.ndarray:
         raise ValueError(f"{display(path)}: not a readable .npy array ({err})") from None
 
 
-def load_sample(sample: Sample, *, size: int, squash: bool = False) -> dict:
-    """The record of one sample at the data geometry (see the module docstring)."""
-    geometry = "squash" if squash else "center_crop"
+def load_sample(sample: Sample, *, geometry: ImageGeometry) -> dict:
+    """The record of one sample at the data geometry (`Category.geometry`; see the module docstring)."""
     raw = read_image(sample.image)
-    image = preprocess.preprocess_image(raw, resize=size, crop=size, geometry=geometry, name=display(sample.image))
+    image = geometry.image(raw, name=display(sample.image))
+    size = geometry.crop
     if sample.mask is None:
         mask = np.zeros((size, size), np.uint8)  # a good image, or a defect of a category without masks
     else:
@@ -240,7 +244,7 @@ def load_sample(sample: Sample, *, size: int, squash: bool = False) -> dict:
         if m.shape != raw.shape[:2]:
             raise ValueError(f"{display(sample.mask)}: mask is {m.shape[1]}x{m.shape[0]} but its image "
                              f"{display(sample.image)} is {raw.shape[1]}x{raw.shape[0]}")
-        mask = preprocess.resize_mask(m, resize=size, crop=size, geometry=geometry, name=display(sample.mask))
+        mask = geometry.resize_mask(m, name=display(sample.mask))
     return {"image": image, "mask": mask, "has_mask": sample.label == 0 or sample.mask is not None,
             "label": sample.label, "kind": sample.kind, "name": sample.name}
 
@@ -248,11 +252,11 @@ def load_sample(sample: Sample, *, size: int, squash: bool = False) -> dict:
 class FolderSplit:
     """Random access to a list of samples, loaded from files on demand."""
 
-    def __init__(self, samples, *, size: int, squash: bool = False):
-        self.samples, self.size, self.squash = tuple(samples), size, squash
+    def __init__(self, samples, *, geometry: ImageGeometry):
+        self.samples, self.geometry = tuple(samples), geometry
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        return load_sample(self.samples[i], size=self.size, squash=self.squash)
+        return load_sample(self.samples[i], geometry=self.geometry)

@@ -17,7 +17,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from patchcore_jax._src.io.data import datasets as datasets
+from patchcore_jax._src.io.data import datasets
+from patchcore_jax._src.model.geometry import ImageGeometry
 
 RESIZE = 256
 
@@ -60,7 +61,7 @@ class _PaperDataset(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, samples, squash):
         for i, sample in enumerate(samples):
-            yield sample.name, {**datasets.load_sample(sample, size=RESIZE, squash=squash), "index": i}
+            yield sample.name, {**datasets.load_sample(sample, geometry=ImageGeometry.square(RESIZE, squash=squash)), "index": i}
 
 
 class PatchcoreMvtecAd(_PaperDataset):
