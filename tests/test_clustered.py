@@ -7,8 +7,8 @@ from hypothesis import given, strategies as st
 
 import patchcore_jax
 import reference
-from patchcore_jax._src.stages.search import clustered
-from tests.helpers import assert_close, gaussian, x64
+from patchcore_jax._src.stages.search import clustered, common
+from tests.helpers import assert_close, gaussian, shape_buckets, x64
 
 _jit_search = jax.jit(patchcore_jax.search, static_argnames=("k", "query_block"))
 
@@ -24,9 +24,8 @@ def _mixture(seed, n, d, centres, spread, offset=0.0):
 def cases(draw):
     return dict(
         seed=draw(st.integers(0, 2**16)),
-        n=draw(st.sampled_from([40, 300])),
-        leaf=draw(st.sampled_from([4, 32])),  # 4: many leaves, most pruned; 32: few, most visited
-        k=draw(st.sampled_from([1, 4])),
+        # leaf 4: many leaves, most pruned; 32: few, most visited
+        **draw(shape_buckets(n=[40, 300], leaf=[4, 32], k=[1, 4])),
         centres=draw(st.sampled_from([1, 6])),
         spread=draw(st.sampled_from([0.3, 1.0])),
         offset=draw(st.sampled_from([0.0, 20.0])),
@@ -112,26 +111,26 @@ def test_bad_input():
         patchcore_jax.search(index, np.ones((2, 3)), 11)
 
 
-@given(parts=st.sampled_from([2, 3]), num=st.sampled_from([7, 40]), k=st.sampled_from([1, 3]),
-       seed=st.integers(0, 2**16))
-def test_host_threads_give_the_same_results_as_one_call(parts, num, k, seed):
+@given(shape=shape_buckets(parts=[2, 3], num=[7, 40], k=[1, 3]), seed=st.integers(0, 2**16))
+def test_host_threads_give_the_same_results_as_one_call(shape, seed):
     """On a CPU a large search is split over host threads (one per core); the parts together must
     equal one call bit for bit, and a search inside a trace (no threads) too."""
+    parts, num, k = shape["parts"], shape["num"], shape["k"]
     bank = _mixture(seed, 300, 16, 6, 0.5).astype(np.float32)
     queries = _mixture(seed + 1, num, 16, 6, 0.8).astype(np.float32)
     index = patchcore_jax.build_clustered_index(bank, leaf_size=16, seed=seed)
     one = patchcore_jax.search(index, queries, k)
     used = []
-    real_in_parts = clustered.in_parts
+    real_in_parts = common.in_parts
 
     def spy(fn, n, *arrays):
         used.append(n)
         return real_in_parts(fn, n, *arrays)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clustered, "_MIN_PART", 1)
-        mp.setattr(clustered, "_cores", lambda: parts)
-        mp.setattr(clustered, "in_parts", spy)
+        mp.setattr(common, "MIN_PART", 1)
+        mp.setattr(common, "cpu_cores", lambda: parts)
+        mp.setattr(common, "in_parts", spy)
         split = patchcore_jax.search(index, queries, k)
     assert used == [parts]
     traced = _jit_search(index, queries, k=k)
