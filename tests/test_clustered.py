@@ -101,6 +101,49 @@ def test_arrays_round_trip_and_scores_match_brute_force():
         patchcore_jax.ClusteredIndex.from_arrays(dict(arrays, slots=arrays["slots"][:-1]))
 
 
+def _damaged(arrays, what):
+    a = {k: np.array(v) for k, v in arrays.items()}
+    real = np.flatnonzero(a["ids"] != np.iinfo(np.int32).max)
+    if what == "zeroed row":
+        a["rows"][real[3]] = 0.0
+        a["sq_norms"][real[3]] = 0.0
+    elif what == "slot out of range":
+        a["slots"][0] = len(a["ids"]) + 5
+    elif what == "swapped slots":
+        a["slots"][[0, 1]] = a["slots"][[1, 0]]
+    elif what == "id out of range":
+        a["ids"][real[0]] = a["size"] + 7
+    elif what == "scale":
+        a["log2_scale"] = np.asarray(1000, np.int32)
+    elif what == "scale by one":
+        a["log2_scale"] = np.asarray(int(a["log2_scale"]) + 1, np.int32)
+    elif what == "size a vector":
+        a["size"] = np.asarray([int(a["size"])] * 2)
+    elif what == "radius too small":
+        a["radii"][np.argmax(a["radii"])] *= 0.5
+    elif what == "NaN row":
+        a["rows"][real[0], 0] = np.nan
+    elif what == "centre moved":
+        a["centre"] = a["centre"] + 1.0
+    return a
+
+
+@pytest.mark.parametrize("what, match", [
+    ("zeroed row", "not the bank's"), ("slot out of range", "slots"), ("swapped slots", "inverse"),
+    ("id out of range", "ids"), ("scale", "log2_scale.*outside"), ("scale by one", "not the bank's"),
+    ("size a vector", "size.*integer scalar"), ("radius too small", "radii"), ("NaN row", "rows.*NaN"),
+    ("centre moved", "not the bank's"),
+])
+def test_an_index_that_does_not_describe_its_bank_is_refused(what, match):
+    """A saved index is checked against itself and against its bank when it is read back: every
+    damage that would change scores silently is refused, naming the array."""
+    bank = _mixture(4, 300, 8, 4, 1.0).astype(np.float32)
+    arrays = patchcore_jax.build_clustered_index(bank, leaf_size=16).to_arrays()
+    patchcore_jax.ClusteredIndex.from_arrays(dict(arrays), bank)  # the intact index passes
+    with pytest.raises(ValueError, match=match):
+        patchcore_jax.ClusteredIndex.from_arrays(_damaged(arrays, what), bank)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="leaf_size"):
         patchcore_jax.build_clustered_index(np.ones((4, 3)), leaf_size=0)

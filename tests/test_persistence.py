@@ -159,6 +159,30 @@ def test_fields_are_type_checked_even_under_a_valid_seal(saved, tmp_path, field,
         persistence.read_model_files(path)
 
 
+def test_a_resealed_index_that_is_not_the_banks_is_refused(saved, tmp_path, capsys):
+    """index.safetensors with a zeroed row, re-sealed in the manifest: the load refuses it, naming the
+    file (the scores would otherwise change silently), and the command line exits 2 with one line."""
+    from safetensors.numpy import load_file, save_file
+
+    from patchcore_jax._src.app import cli
+
+    path = _copy(saved, tmp_path)
+    arrays = load_file(str(path / "index.safetensors"))
+    assert arrays, "the tiny model searches with a clustered index on a CPU"
+    real = np.flatnonzero(arrays["ids"] != np.iinfo(np.int32).max)
+    arrays["rows"][real[0]] = 0.0
+    arrays["sq_norms"][real[0]] = 0.0
+    save_file(arrays, str(path / "index.safetensors"))
+    _reseal(path)
+    with pytest.raises(ModelFileError, match=r"index\.safetensors: the stored rows are not the bank's"):
+        PatchCore.load(path)
+    images = tmp_path / "images"
+    images.mkdir()
+    assert cli.main(["predict", "--model", str(path), str(images), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "index.safetensors" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("field, value", [("seed", 1.0), ("resize", "64"), ("sigma", True), ("layers", "layer2"),
                                           ("crop", 10**6), ("weights", 3)])
 def test_config_fields_are_type_checked(saved, tmp_path, field, value):

@@ -117,11 +117,9 @@ def parse_member(contents: dict[str, bytes], join) -> dict:
     clustered_index = None
     if index:
         try:
-            clustered_index = ClusteredIndex.from_arrays(index)
+            clustered_index = ClusteredIndex.from_arrays(index, bank)
         except ValueError as err:
             raise ModelFileError(f"{join('index.safetensors')}: {err}") from None
-        expect(clustered_index.size == bank.shape[0] and clustered_index.rows.shape[1] == bank.shape[1],
-                join("index.safetensors"), f"an index of {clustered_index.size} rows for a bank of {bank.shape[0]}")
     return {"meta": meta, "bank": bank, "weights": weights, "clustered_index": clustered_index,
             "where": join("backbone.safetensors")}
 
