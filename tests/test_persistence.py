@@ -57,7 +57,7 @@ def _copy(saved, tmp_path, name="model"):
 def _reseal(path):
     """Recomputes the manifest after an edit, as a consistent but wrong writer would."""
     files = {n: (path / n).read_bytes() for n in persistence.FILES}
-    (path / persistence.MANIFEST).write_bytes(persistence._manifest(files))
+    (path / persistence.MANIFEST).write_bytes(persistence.manifest_bytes(files))
 
 
 def test_layout_and_round_trip(saved, data):
@@ -157,6 +157,19 @@ def test_fields_are_type_checked_even_under_a_valid_seal(saved, tmp_path, field,
     _reseal(path)
     with pytest.raises(ModelFileError, match=rf"config\.json: .*{match}"):
         persistence.read_model_files(path)
+
+
+def test_a_file_grown_behind_its_manifest_is_refused_before_it_is_read(saved, tmp_path):
+    """bank.safetensors extended (sparse) to 8 GiB: the size is compared with the manifest's record
+    before a byte is read, so the load fails at once, naming the file, with memory bounded."""
+    import resource
+
+    path = _copy(saved, tmp_path)
+    os.truncate(path / "bank.safetensors", 8 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFileError, match=r"bank\.safetensors: 8589934592 bytes where the manifest records \d+"):
+        persistence.read_model_files(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB more
 
 
 def test_a_resealed_index_that_is_not_the_banks_is_refused(saved, tmp_path, capsys):
