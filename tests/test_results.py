@@ -294,6 +294,21 @@ def test_named_weights_download_once_from_a_local_hub(tmp_path, monkeypatch, dat
         assert open(path, "rb").read() == payload and len(gets) == 1
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         assert hub.resolve("timm/resnet18.tv_in1k") == path and len(gets) == 1  # from the cache
+        # A cache copied without links (cp -rL, zip, a Windows copy) still verifies against its blobs/;
+        # a damaged copy, or one without blobs/, is refused, naming the way out.
+        import shutil
+
+        copied = tmp_path / "copied"
+        shutil.copytree(tmp_path / "hub", copied, symlinks=False)
+        copied_file = copied / os.path.relpath(path, tmp_path / "hub")
+        assert not os.path.islink(copied_file)
+        hub.verify(str(copied_file), "r18")
+        copied_file.write_bytes(payload[:-1] + b"\1")
+        with pytest.raises(ValueError, match="match no sha256 recorded"):
+            hub.verify(str(copied_file), "r18")
+        shutil.rmtree(copied / "models--timm--resnet18.tv_in1k" / "blobs")
+        with pytest.raises(ValueError, match="pass the file itself as --weights FILE"):
+            hub.verify(str(copied_file), "r18")
         # A transfer that does not match the sha256 the Hub announced is refused, by name.
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub2"))
         monkeypatch.delenv("HF_HUB_OFFLINE")
