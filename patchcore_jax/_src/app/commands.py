@@ -139,7 +139,7 @@ def cmd_predict(args) -> int:
     from patchcore_jax._src.app import visualize
     from patchcore_jax._src.model.images import display, read_image
     from patchcore_jax._src.model.detector import Threshold, check_threshold
-    from patchcore_jax._src.io.outputs import OutputDir
+    from patchcore_jax._src.io.outputs import OutputDir, csv_text
     from patchcore_jax._src.api.loading import load
 
     given = {}
@@ -172,8 +172,8 @@ def cmd_predict(args) -> int:
             above += label == 1
             norm = model.normalized_scores([pred.score])
             heatmap = None if args.no_heatmaps else os.path.join("heatmaps", rel + ".png")
-            writer.writerow([display(path), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
-                             "" if heatmap is None else display(heatmap)])
+            writer.writerow([csv_text(display(path)), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
+                             "" if heatmap is None else csv_text(display(heatmap))])
             amap, image = pred.anomaly_map, pred.crop
             if args.full_frame:
                 amap, image = model.frame_map(pred.anomaly_map, pred.size), read_image(path)

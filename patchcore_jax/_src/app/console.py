@@ -4,6 +4,7 @@ model options turned into checked settings. With `cli` and `commands`, the only 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
@@ -28,12 +29,21 @@ class UsageError(Exception):
     """Bad arguments or input: reported as one line, exit status 2."""
 
 
-def say(message: str, file=None) -> None:
-    """Prints a line whatever bytes a path in it holds (undecodable bytes as \\xNN)."""
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(message: str) -> str:
+    """`message` with undecodable bytes and control characters (ESC, BEL, CR, tab...; not the line
+    break) written as \\xNN, so a file's name never reaches a terminal as a command."""
     from patchcore_jax._src.model.images import display
 
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", display(message))
+
+
+def say(message: str, file=None) -> None:
+    """Prints a line whatever bytes or control characters a path in it holds (`printable`)."""
     file = file or sys.stdout
-    print(display(message), file=file, flush=True)
+    print(printable(message), file=file, flush=True)
 
 
 def version() -> str:
