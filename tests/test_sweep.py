@@ -133,28 +133,45 @@ def test_dry_run_lists_cells_and_does_nothing(tree, tmp_path, capsys):
     assert "prefixes" in text
 
 
+# Runs the sweep of `test_resume_after_kill_9` and stops for good after its first unit, so the kill
+# lands mid-run at a known point (one unit done, three not).
+DRIVER = """
+import sys, time
+import patchcore_jax
+from patchcore_jax import PatchCoreConfig
+from tests.helpers import SMALL
+
+def log(line):
+    print(line, flush=True)
+    if line.startswith("[1/"):
+        time.sleep(600)
+
+patchcore_jax.sweep("mvtec", sys.argv[1], PatchCoreConfig(**SMALL), out=sys.argv[2],
+                    grid=["coreset_fraction=0.05,0.2"], log=log)
+"""
+
+
 def test_resume_after_kill_9(tree, tmp_path):
     out = str(tmp_path / "S")
-    command = [sys.executable, "-m", "patchcore_jax._src.app.cli", "sweep", "--dataset", "mvtec", "--root", tree,
-               "--out", out, "--grid", "coreset_fraction=0.05,0.2", "--grid", "patch_size=1,3", "--quiet", *MODEL_ARGS]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    units = os.path.join(out, "units")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = [f for d, _, fs in os.walk(units) for f in fs if f.endswith(".json")] if os.path.isdir(units) else []
-        if len(found) >= 2:
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, tree, out], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[1/4]"):
             break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)  # mid-run: some units done, the rest not
+    assert proc.poll() is None, "".join(lines)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
-    before = {f for d, _, fs in os.walk(units) for f in fs if f.endswith(".json")}
-    assert 2 <= len(before) < 8
+    units = os.path.join(out, "units")
+    assert len([f for d, _, fs in os.walk(units) for f in fs if f.endswith(".json")]) == 1
+    command = [sys.executable, "-m", "patchcore_jax._src.app.cli", "sweep", "--dataset", "mvtec", "--root", tree,
+               "--out", out, "--grid", "coreset_fraction=0.05,0.2", "--quiet", *MODEL_ARGS]
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"{8 - len(before)} units run, {len(before)} kept from before" in again.stdout
+    assert "3 units run, 1 kept from before" in again.stdout
     with open(os.path.join(out, "results.csv"), newline="") as f:
         rows = list(csv.reader(f))
-    assert len(rows) == 9 and len({tuple(r[:4]) for r in rows[1:]}) == 8
+    assert len(rows) == 5 and len({tuple(r[:3]) for r in rows[1:]}) == 4

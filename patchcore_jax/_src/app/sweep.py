@@ -82,6 +82,10 @@ def plan(dataset: str, root: str, config: PatchCoreConfig | None, *, grid, seeds
                 done = _read_unit(os.path.join(out, rel), fingerprint)
                 units.append({"category": cat, "cell": cell, "seed": seed, "config": cfg, "fingerprint": fingerprint,
                               "rel": rel, "done": done})
+    from patchcore_jax._src.app.sweep_cells import feature_key
+
+    for cfg in {u["config"].replace(seed=0) for u in units if u["config"].weights is not None}:
+        feature_key(cfg)  # resolves and hashes every weights file or name now (ValueError naming it)
     return {"keys": keys, "cells": cells, "seeds": seeds, "categories": cats, "units": units, "out": out,
             "base": base}
 
