@@ -154,7 +154,7 @@ def _row(u: dict) -> dict:
 
 
 def _run(p: dict, todo: list, outdir: OutputDir, *, dataset: str, mask_rule: str, log) -> None:
-    from patchcore_jax._src.app.sweep_cells import CategoryWork, bank_group, feature_key, shares_prefix
+    from patchcore_jax._src.app.sweep_cells import CategoryWork, bank_group, feature_key, score_group, shares_prefix
 
     store_root = outdir.path(feature_store.FOLDER)
 
@@ -168,21 +168,25 @@ def _run(p: dict, todo: list, outdir: OutputDir, *, dataset: str, mask_rule: str
         if not units:
             continue
         work = CategoryWork(dataset, cat, store_for=store_for, mask_rule=mask_rule)
-        layers = {}
-        largest = {}
+        layers, largest, largest_k = {}, {}, {}
         for u in units:
             name = feature_store.key_name(feature_key(u["config"]))
             layers.setdefault(name, set()).update(u["config"].layers)
             if shares_prefix(u["config"]):
                 g = bank_group(u["config"], u["cell"].shots)
                 largest[g] = max(largest.get(g, 0.0), u["config"].coreset_fraction)
+            s = score_group(u["config"], u["cell"].shots)
+            largest_k[s] = max(largest_k.get(s, 1), u["config"].anomaly_scorer_num_nn)
+        # Units of a score group run one after another, so one search serves them all.
+        units.sort(key=lambda u: list(largest_k).index(score_group(u["config"], u["cell"].shots)))
         for u in units:
             cfg = u["config"]
             needed = layers[feature_store.key_name(feature_key(cfg))]
             group = bank_group(cfg, u["cell"].shots)
             try:
                 result, stages = work.run(cfg, u["cell"].shots, needed_layers=needed,
-                                          largest_fraction=largest.get(group, cfg.coreset_fraction))
+                                          largest_fraction=largest.get(group, cfg.coreset_fraction),
+                                          largest_k=largest_k[score_group(cfg, u["cell"].shots)])
             except ValueError as err:
                 raise ValueError(f"{cat.name}, {u['cell'].label}, seed {u['seed']}: {err}") from None
             u["done"] = {"fingerprint": u["fingerprint"], "category": cat.name, "values": dict(u["cell"].values),

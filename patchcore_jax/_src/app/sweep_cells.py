@@ -8,8 +8,11 @@
 - Banks: cells that differ only in `coreset_fraction` share one greedy run at their largest fraction;
   a smaller fraction's coreset is the prefix of that selection (the greedy order makes this exact with
   the same projection and start points: tests/test_sweep.py checks it against direct runs).
-- Scores: each cell's bank is indexed and the test features scored by the executor's own scoring
-  (`Executor.score_features`), and the result reported by `evaluate.category_result`.
+- Scores: cells that differ only in k (`anomaly_scorer_num_nn`), b (`num_neighbors`) or sigma share
+  their bank's index and one search for their largest k (the first k columns of a search with a larger
+  one are the search with k); Eq. 6/7 and the maps are `scoring.scores_from_neighbours` and
+  `fitted.anomaly_maps`, the functions `predict` runs; the result is reported by
+  `evaluate.category_result`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from patchcore_jax._src.model import backbone, preprocess
 from patchcore_jax._src.model import fitted as fitted_lib
 from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax._src.run.executor import Executor, pad_host
-from patchcore_jax._src.stages import aggregate, coreset
+from patchcore_jax._src.stages import aggregate, coreset, scoring
 from patchcore_jax._src.stages import bank as bank_lib
 
 
@@ -58,6 +61,12 @@ def bank_group(cfg: PatchCoreConfig, shots) -> tuple:
             cfg.coreset_dtype, cfg.coreset_fraction if not shares_prefix(cfg) else None)
 
 
+def score_group(cfg: PatchCoreConfig, shots) -> tuple:
+    """Cells with the same score group score against the same bank with the same index: one search
+    for their largest k serves them all (they differ in k, b or sigma only)."""
+    return (bank_group(cfg, shots), cfg.coreset_fraction, cfg.search)
+
+
 def shares_prefix(cfg: PatchCoreConfig) -> bool:
     """Whether this config's bank comes from the streaming greedy coreset (whose prefixes are shared)."""
     return cfg.sampler == "greedy" and cfg.projection_dim > 0 and cfg.coreset_fraction < 1.0
@@ -82,6 +91,7 @@ class CategoryWork:
         self.taps: dict = {}
         self.features: dict = {}
         self.selections: dict = {}
+        self.searches: dict = {}
         self.seconds = {"extract": 0.0}
         self.inputs = evaluate_lib.input_fingerprint(category, {"taps": 1})
 
@@ -155,7 +165,27 @@ class CategoryWork:
         num = coreset.coreset_size(n, cfg.coreset_fraction)
         return rows[np.sort(selected[:num])], n, time.perf_counter() - start
 
-    def run(self, cfg: PatchCoreConfig, shots, *, needed_layers, largest_fraction: float) -> tuple[dict, dict]:
+    def search(self, cfg: PatchCoreConfig, shots, bank: np.ndarray, test_feats: np.ndarray, largest_k: int):
+        """The index of `cfg`'s bank and its `largest_k` nearest rows of every test patch, per batch
+        (computed once per score group)."""
+        group = score_group(cfg, shots)
+        if group not in self.searches:
+            self.searches.clear()  # one bank's search at a time: groups come one after another
+            executor = Executor(cfg, None, None)
+            _, index = executor.build_index(fitted_lib.check_bank(bank, cfg))
+            k = min(max(largest_k, cfg.anomaly_scorer_num_nn), len(bank))
+            parts = []
+            for i in range(0, len(test_feats), cfg.batch_size):
+                chunk = test_feats[i : i + cfg.batch_size]
+                feats = jax.device_put(pad_host(chunk, cfg.batch_size))
+                b, h, w, d = feats.shape
+                dist, idx = scoring.search_patches(index, feats.reshape(b, h * w, d), k=k, query_block=256)
+                parts.append((len(chunk), feats, dist, idx))
+            self.searches[group] = (index, parts)
+        return self.searches[group]
+
+    def run(self, cfg: PatchCoreConfig, shots, *, needed_layers, largest_fraction: float,
+            largest_k: int = 1) -> tuple[dict, dict]:
         """One cell on this category: `(result as evaluate reports it, seconds per stage)`."""
         start = time.perf_counter()
         extract_before = self.seconds["extract"]
@@ -163,7 +193,7 @@ class CategoryWork:
         t_features = time.perf_counter() - start - (self.seconds["extract"] - extract_before)
         bank, seen, t_coreset = self.bank(cfg, shots, train_feats, largest_fraction)
         t0 = time.perf_counter()
-        scores, maps = score_features(cfg, bank, test_feats)
+        scores, maps = score_searched(cfg, *self.search(cfg, shots, bank, test_feats, largest_k))
         t_score = time.perf_counter() - t0
         _, test = self.recs(cfg)
         meta = [dict(r) for r in test]
@@ -225,16 +255,19 @@ def aggregate_taps(cfg: PatchCoreConfig, maps) -> np.ndarray:
     return np.concatenate(out)
 
 
-def score_features(cfg: PatchCoreConfig, bank: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores `(N,)` and maps `(N, crop, crop)` of patch features `(N, h, w, D)` against `bank`,
-    by the executor's scoring, in padded batches of `batch_size` (as `predict`)."""
-    executor = Executor(cfg, None, None)
-    _, index = executor.build_index(fitted_lib.check_bank(bank, cfg))
-    size = cfg.batch_size
+def score_searched(cfg: PatchCoreConfig, index, parts) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores `(N,)` and maps `(N, crop, crop)` from `CategoryWork.search`'s batches, with
+    `cfg`'s k, b and sigma: Eq. 6/7 as the executor computes them (`scoring.scores_from_neighbours`)."""
     scores, maps = [], []
-    for i in range(0, len(feats), size):
-        chunk = feats[i : i + size]
-        s, m = executor.score_features(index, jax.device_put(pad_host(chunk, size)))
-        scores.append(s[: len(chunk)])
-        maps.append(m[: len(chunk)])
+    for n, feats, dist, idx in parts:
+        b, h, w, d = feats.shape
+        s, patch = scoring.image_scores_from_neighbours(index, feats.reshape(b, h * w, d), dist, idx,
+                                                        num_neighbors=cfg.num_neighbors,
+                                                        num_nn=cfg.anomaly_scorer_num_nn, query_block=256)
+        m = fitted_lib.anomaly_maps(patch, (h, w), cfg)
+        s, m = jax.device_get((s, m))
+        if not (np.isfinite(s).all() and np.isfinite(m).all()):
+            raise ValueError("scores: NaN or infinite scores; the features overflow float32 or are NaN")
+        scores.append(np.asarray(s, np.float32)[:n])
+        maps.append(np.asarray(m, np.float32)[:n])
     return np.concatenate(scores), np.concatenate(maps)

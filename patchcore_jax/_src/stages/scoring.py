@@ -71,7 +71,15 @@ def scores_from_search(index, patch_features, search, *, num_neighbors, num_nn=1
     `(B,)` and patch scores `(B, P)`."""
     b, p, d = patch_features.shape
     dist, idx = search(index, patch_features.reshape(b * p, d), num_nn)
-    patch_scores = knn_patch_scores(dist).reshape(b, p)
+    return scores_from_neighbours(index, patch_features, dist, idx, search, num_neighbors=num_neighbors, num_nn=num_nn)
+
+
+def scores_from_neighbours(index, patch_features, dist, idx, search, *, num_neighbors, num_nn):
+    """Eq. 6/7 for a batch from a search already made: `dist`, `idx` `(B * P, k)` with `k >= num_nn`
+    (the first `num_nn` columns are used), so one search for the largest k serves every smaller one.
+    Returns image scores `(B,)` and patch scores `(B, P)`."""
+    b, p, d = patch_features.shape
+    patch_scores = knn_patch_scores(dist[:, :num_nn]).reshape(b, p)
     centred = patch_features.astype(index.rows.dtype) - index.centre
     scores = scores_from_nearest(
         patch_scores, idx[:, 0].reshape(b, p), centred, num_neighbors=num_neighbors,
@@ -87,6 +95,22 @@ def image_scores_unchecked(index, patch_features, *, num_neighbors, query_block,
         return index_lib.search_traced(idx, queries, k=k, query_block=min(query_block, queries.shape[0]))
 
     return scores_from_search(index, patch_features, search, num_neighbors=num_neighbors, num_nn=num_nn)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "query_block"))
+def search_patches(index, patch_features, *, k, query_block):
+    """The k nearest bank rows of every patch `(B, P, D)`: `(dist, idx)` `(B * P, k)` (traced, trusted)."""
+    b, p, d = patch_features.shape
+    return index_lib.search_traced(index, patch_features.reshape(b * p, d), k=k, query_block=min(query_block, b * p))
+
+
+@functools.partial(jax.jit, static_argnames=("num_neighbors", "num_nn", "query_block"))
+def image_scores_from_neighbours(index, patch_features, dist, idx, *, num_neighbors, num_nn, query_block):
+    """`image_scores_unchecked` on the result of `search_patches` with k >= num_nn (trusted callers)."""
+    def search(i, queries, k):
+        return index_lib.search_traced(i, queries, k=k, query_block=min(query_block, queries.shape[0]))
+
+    return scores_from_neighbours(index, patch_features, dist, idx, search, num_neighbors=num_neighbors, num_nn=num_nn)
 
 
 def image_scores_from_index(
