@@ -29,8 +29,15 @@ def fit_and_predict(folder: str, out: str) -> None:
     model.fit(process_share(os.path.join(folder, "train")))
     test = process_share(os.path.join(folder, "test"))
     scores, maps = model.predict(test)
+    # An unreadable file on process 1 stops both: process 1 with its own error, process 0 told so.
+    broken = test[:1] + [os.path.join(folder, "broken.png")] if jax.process_index() == 1 else test[:2]
+    try:
+        model.predict(broken)
+        error = ""
+    except Exception as err:
+        error = type(err).__name__
     np.savez(f"{out}.{jax.process_index()}.npz", bank=model.fitted().bank, scores=scores, maps=maps,
-             names=np.array([os.path.basename(t) for t in test]))
+             names=np.array([os.path.basename(t) for t in test]), error=np.array(error))
 
 
 def main(process_id: int, port: int, folder: str | None = None, out: str | None = None) -> None:

@@ -143,6 +143,7 @@ def test_two_processes_each_holding_half_the_bank_and_fitting_on_their_share(tmp
         os.makedirs(tmp_path / part)
         for i, image in enumerate(data[part]):
             Image.fromarray(image).save(tmp_path / part / f"{i:02d}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a PNG")
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,3 +170,4 @@ def test_two_processes_each_holding_half_the_bank_and_fitting_on_their_share(tmp
     for g, rows in zip(got, share):
         assert_close(g["scores"], one_process["scores"][rows])
         assert_close(g["maps"], one_process["maps"][rows])
+    assert [str(g["error"]) for g in got] == ["ProcessFailed", "ValueError"]
