@@ -36,8 +36,9 @@ def fit_and_predict(folder: str, out: str) -> None:
         error = ""
     except Exception as err:
         error = type(err).__name__
+    features = model.embed_crops(np.stack([model.prepare(t) for t in test]))  # a collective call too
     np.savez(f"{out}.{jax.process_index()}.npz", bank=model.fitted().bank, scores=scores, maps=maps,
-             names=np.array([os.path.basename(t) for t in test]), error=np.array(error))
+             names=np.array([os.path.basename(t) for t in test]), error=np.array(error), features=features)
 
 
 def main(process_id: int, port: int, folder: str | None = None, out: str | None = None) -> None:

@@ -171,3 +171,7 @@ def test_two_processes_each_holding_half_the_bank_and_fitting_on_their_share(tmp
         assert_close(g["scores"], one_process["scores"][rows])
         assert_close(g["maps"], one_process["maps"][rows])
     assert [str(g["error"]) for g in got] == ["ProcessFailed", "ValueError"]
+    single = one_process["model"]
+    features = np.asarray(single.embed_crops(np.stack([single.prepare(x) for x in one_process["data"]["test"]])))
+    for g, rows in zip(got, share):
+        assert_close(g["features"], features[rows])
