@@ -2,9 +2,10 @@
 
 It owns what the model code must not know: the devices and shardings (a mesh, the replicated backbone
 state, data-parallel embedding, the row-sharded bank and its collective coreset and search), the
-padding of every batch to the compiled batch size, and the scoring thread. The stages are the same
-functions either way (`patchcore_jax._src.stages`); the model layer (`model.fitted`) gives the pure
-embed function and the maps. Progress goes out through callbacks `progress(stage, done, total)`,
+padding of every batch to the compiled batch size, the scoring thread, and, on a mesh over several
+processes, the steps in which each process brings its own images (`run.multihost`). The stages are
+the same functions either way (`patchcore_jax._src.stages`); the model layer (`model.fitted`) gives
+the pure embed function and the maps. Progress goes out through callbacks `progress(stage, done, total)`,
 never to a terminal (the command line draws the bars).
 """
 
@@ -59,7 +60,9 @@ class Executor:
         # Replicated once, not per batch.
         self.state = state if self.mesh is None else sharding.replicate(state, self.mesh)
         # A mesh over several processes: each brings its own images to every global batch.
-        self.hosts = multihost.GlobalBatch(self.mesh, config.batch_size) if multihost.spans_processes(self.mesh) else None
+        self.hosts = None
+        if multihost.spans_processes(self.mesh):
+            self.hosts = multihost.GlobalBatch(self.mesh, config.batch_size)
         self._scorer: concurrent.futures.ThreadPoolExecutor | None = None  # made on the first launch
 
     # -- shapes --------------------------------------------------------------------------------------
@@ -88,7 +91,8 @@ class Executor:
         its own crops, any number): it returns this process's features as a host array."""
         if self.hosts is not None:
             parts = [self.hosts.mine(multihost.gather(f), c[self.me]) for c, f in self.steps(self.chunks([crops]))]
-            return np.concatenate(parts) if parts else np.zeros((0, *self.feature_grid, self.config.target_dim), np.float32)
+            empty = np.zeros((0, *self.feature_grid, self.config.target_dim), np.float32)
+            return np.concatenate(parts) if parts else empty
         b = crops.shape[0]
         size = self.config.batch_size
         outs = []
@@ -214,8 +218,10 @@ class Executor:
         steps (a mesh over several processes; nothing otherwise). With `error`, announces it instead."""
         if self.hosts is None or isinstance(error, multihost.ProcessFailed):
             return
-        multihost.drain(self.hosts, self.empty_crops(), lambda x: self.score_features(index, self.embed_fn(self.state, x)),
-                        failed=error is not None)
+        def score(x):
+            return self.score_features(index, self.embed_fn(self.state, x))
+
+        multihost.drain(self.hosts, self.empty_crops(), score, failed=error is not None)
 
     def subsample(self, bank: np.ndarray, *, progress: Progress = no_progress) -> np.ndarray:
         """The in-memory coreset (a mesh, or no projection); the same rules as the stream's."""
