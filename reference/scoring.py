@@ -20,13 +20,16 @@ def reweight(distances: Any) -> Any:
     return 1.0 - shifted[0] / xp.sum(shifted)
 
 
-def image_scores(bank: Any, patch_features: Any, *, num_neighbors: int = 9) -> tuple[Any, Any]:
+def image_scores(bank: Any, patch_features: Any, *, num_neighbors: int = 9,
+                 anomaly_scorer_num_nn: int = 1) -> tuple[Any, Any]:
     """Image scores `s` (Eq. 7) and patch scores (Eq. 6's inner min).
 
     Args:
       bank: `(N, D)` memory bank M.
       patch_features: `(B, P, D)` test patch features (same namespace as `bank`).
       num_neighbors: b, the size of `N_b(m*)`; 1 gives `s = s*` (the published code's image score).
+      anomaly_scorer_num_nn: k of the published NearestNeighbourScorer: a patch's score is
+        `sqrt(mean of its k nearest squared distances)` (the published code averages the squares).
     Returns:
       image scores `(B,)`, patch scores `(B, P)`: distance of each patch to its nearest bank row
       (float64 where the namespace has it).
@@ -37,8 +40,12 @@ def image_scores(bank: Any, patch_features: Any, *, num_neighbors: int = 9) -> t
     bank = xp.astype(bank, real_float(xp, device(bank)))
     patch_features = xp.astype(patch_features, bank.dtype)
 
-    dist, idx = nearest_neighbors(bank, xp.reshape(patch_features, (b * p, d)), k=1)
-    patch_scores = xp.reshape(dist[:, 0], (b, p))
+    k = int(anomaly_scorer_num_nn)
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"anomaly_scorer_num_nn: expected an integer in [1, {bank.shape[0]}], got {anomaly_scorer_num_nn!r}")
+    dist, idx = nearest_neighbors(bank, xp.reshape(patch_features, (b * p, d)), k=k)
+    # DECISION: the root of the mean squared distance: ranks as the published mean of faiss's squares.
+    patch_scores = xp.reshape(dist[:, 0] if k == 1 else xp.sqrt(xp.mean(dist**2, axis=1)), (b, p))
     nearest = xp.reshape(idx[:, 0], (b, p))
     scores = []
     for i in range(b):

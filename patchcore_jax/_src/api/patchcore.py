@@ -28,7 +28,6 @@ from patchcore_jax._src.model import fitted as fitted_lib
 from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax._src.model.detector import Detector, Threshold
 from patchcore_jax._src.run.executor import Executor
-from patchcore_jax._src.stages import coreset
 
 
 class PatchCore(Detector):
@@ -91,7 +90,7 @@ class PatchCore(Detector):
 
     def bank_size_for_rows(self, n: int) -> int:
         """The memory bank's rows after fitting on `n` training patches."""
-        return coreset.coreset_size(n, self.config.coreset_fraction)
+        return self.config.bank_size(n)
 
     def require_fitted(self) -> None:
         if self.index is None:

@@ -107,6 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(func=commands.cmd_evaluate)
 
+    p = sub.add_parser("sweep", parents=[common], help="evaluate a grid of settings over seeds, features extracted once",
+                       description="Runs evaluate's protocol for every cell of a grid of settings and every seed, "
+                                   "extracting the backbone's features once (kept in OUT/features/), and writes "
+                                   "results.csv, table.md and plots/. Resumable: rerunning the same command keeps "
+                                   "every finished unit. See docs/sweep.md.")
+    p.add_argument("--dataset", required=True, choices=("mvtec", "mtd", "mstc"))
+    p.add_argument("--root", required=True, help="the data set's folder (see README for the layouts)")
+    p.add_argument("--out", required=True, help="output folder, new or an earlier sweep's")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="a swept setting: a PatchCoreConfig field (coreset_fraction, patch_size, layers as "
+                        "layer2+layer3, num_neighbors, anomaly_scorer_num_nn, sampler, resize, ...) or shots "
+                        "(training images per category); repeat for more keys (the cells are their product)")
+    p.add_argument("--seeds", default="0", help="seeds of every cell, comma-separated (default 0)")
+    p.add_argument("--categories", nargs="+", help="categories (mSTC: scenes 01..12) to run; default all present")
+    p.add_argument("--mask-rule", choices=("published", "half"), default="published",
+                   help="ground-truth pixels after resizing: published (only full 255 counts; default) or half")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and what they reuse, and stop")
+    p.add_argument("--remove-features", action="store_true",
+                   help="delete the extracted features (OUT/features/) when the sweep is done")
+    add_model_options(p)
+    p.set_defaults(func=commands.cmd_sweep)
+
     p = sub.add_parser("convert-weights", parents=[common], help="convert a .pth state dict to .safetensors (needs torch once)")
     p.add_argument("input", help="torchvision/timm .pth state dict")
     p.add_argument("output", help="destination .safetensors (must not exist)")

@@ -273,6 +273,30 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# -- sweep ----------------------------------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    from patchcore_jax._src.app import evaluate, sweep
+
+    if not args.grid:
+        raise UsageError("--grid: give at least one KEY=V1,V2 (e.g. --grid coreset_fraction=0.01,0.1)")
+    cfg = evaluate.protocol_config(args.dataset, config_from_args(args), crop_given=args.crop is not None)
+    start = time.perf_counter()
+    p = sweep.plan(args.dataset, args.root, cfg, grid=args.grid, seeds=args.seeds, categories=args.categories,
+                   mask_rule=args.mask_rule, out=args.out)
+    if args.dry_run:
+        for line in sweep.describe_plan(p):
+            say(line)
+        return 0
+    if cfg.weights is None and any(u["done"] is None for u in p["units"]):
+        say(random_backbone_note(cfg))
+    report = sweep.sweep(args.dataset, args.root, cfg, out=args.out, grid=args.grid, seeds=args.seeds,
+                         categories=args.categories, mask_rule=args.mask_rule, remove_features=args.remove_features,
+                         log=say)
+    say(f"{report['ran']} units run, {report['kept']} kept from before ({time.perf_counter() - start:.1f} s); wrote "
+        f"{os.path.join(args.out, 'results.csv')} and {os.path.join(args.out, 'table.md')}")
+    return 0
+
+
 # -- convert-weights ------------------------------------------------------------------------------------
 def cmd_convert_weights(args) -> int:
     from patchcore_jax._src.model import weights

@@ -32,6 +32,8 @@ OPTION_OF = {
     "coreset_fraction": "--coreset", "num_neighbors": "--neighbors", "seed": "--seed", "batch_size": "--batch-size",
     "projection_dim": "--projection-dim", "coreset_dtype": "--coreset-dtype", "geometry": "--geometry",
     "layers": "--layers", "target_dim": "--target-dim", "pretrain_dim": "--pretrain-dim", "search": "--search",
+    "patch_size": "--patch-size", "stride": "--stride", "num_starts": "--num-starts", "sigma": "--sigma",
+    "dtype": "--dtype", "anomaly_scorer_num_nn": "--anomaly-scorer-num-nn", "sampler": "--sampler",
 }
 
 
@@ -185,6 +187,18 @@ def add_model_options(p, *, coreset_default=None):
                         "(default: by the backend the model runs on); the same results")
     p.add_argument("--batch-size", type=int, help="images per compiled step (default 8)")
     p.add_argument("--seed", type=int, help="seed of projection, start points and a random backbone (default 0)")
+    p.add_argument("--patch-size", type=int, help="neighbourhood p of the patch aggregation (default 3)")
+    p.add_argument("--stride", type=int, help="stride of the patch aggregation (default 1)")
+    p.add_argument("--sampler", choices=("greedy", "random", "identity"),
+                   help="how the coreset is chosen: greedy (Algorithm 1, default), random (the published "
+                        "RandomSampler baseline), identity (every patch; --coreset is ignored)")
+    p.add_argument("--num-starts", type=int, help="random start points of the greedy coreset (default 10)")
+    p.add_argument("--anomaly-scorer-num-nn", type=int,
+                   help="k of the published scorer: a patch's score is the root mean square of its k nearest "
+                        "bank distances (default 1); ranks as the published mean of squared distances")
+    p.add_argument("--sigma", type=float, help="Gaussian blur of the anomaly maps, in pixels (default 4)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype of backbone and features "
+                                                                     "(default float32)")
 
 
 def new_model(cfg, *, quiet: bool):
@@ -284,6 +298,8 @@ def plural(count: int, noun: str, plural_form: str | None = None) -> str:
 
 def check_bank_size(model, num_images: int) -> None:
     size = model.bank_size_for(num_images)
-    if size < model.config.num_neighbors:
-        raise UsageError(f"--neighbors {model.config.num_neighbors}: {num_images} training images give a memory bank "
+    cfg = model.config
+    if size < cfg.bank_rows_needed:
+        option = "--neighbors" if cfg.num_neighbors >= cfg.anomaly_scorer_num_nn else "--anomaly-scorer-num-nn"
+        raise UsageError(f"{option} {cfg.bank_rows_needed}: {num_images} training images give a memory bank "
                          f"of {size} rows; use at most {size}, more images, or a larger --coreset")

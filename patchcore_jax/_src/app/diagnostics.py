@@ -51,8 +51,11 @@ def reference_agreement(model, train_images, test_images, *, max_train: int = 6,
     radius_j = reference.covering_radius(bank_r, idx_j, projection=proj)
     radius_r = reference.covering_radius(bank_r, idx_r, projection=proj)
 
-    s_j, p_j = scoring.image_scores(jnp.asarray(bank_j[idx_j]), feats_j.reshape(b, h * w, d), num_neighbors=cfg.num_neighbors)
-    s_r, p_r = reference.image_scores(bank_r[idx_r], feats_r.reshape(b, h * w, d), num_neighbors=cfg.num_neighbors)
+    nb, knn = min(cfg.num_neighbors, num), min(cfg.anomaly_scorer_num_nn, num)  # a few images: a small bank
+    s_j, p_j = scoring.image_scores(jnp.asarray(bank_j[idx_j]), feats_j.reshape(b, h * w, d), num_neighbors=nb,
+                                    anomaly_scorer_num_nn=knn)
+    s_r, p_r = reference.image_scores(bank_r[idx_r], feats_r.reshape(b, h * w, d), num_neighbors=nb,
+                                      anomaly_scorer_num_nn=knn)
     m_j = np.asarray(segmentation.anomaly_maps(p_j.reshape(b, h, w), (cfg.crop, cfg.crop), sigma=cfg.sigma))
     m_r = reference.anomaly_maps(p_r.reshape(b, h, w), (cfg.crop, cfg.crop), sigma=cfg.sigma)
 

@@ -47,7 +47,9 @@ def protocol_config(dataset: str, config: PatchCoreConfig, *, crop_given: bool =
     return config
 
 
-def _fingerprint(category: datasets.Category, settings: dict) -> str:
+def input_fingerprint(category: datasets.Category, settings: dict) -> str:
+    """A digest of a category's inputs (every image and mask file's path, size and modification time,
+    its records) and of `settings`: equal digests mean the result can be reused."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     files = sorted({f for s in category.train + category.test for f in (s.image, s.mask) if f})
     for f in files:
@@ -108,26 +110,12 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
             yield rec["image"]
 
     scores, maps = _score_set(model, images(), meta)
-    masks = np.stack([cfg.image_geometry.mask(r["mask"], rule=mask_rule, name=r["name"]) for r in meta])
-    labels = np.array([int(r["label"]) for r in meta])
-    has_masks = all(bool(r.get("has_mask", True)) for r in meta)
-    image_f1 = _metric(metrics.f1_optimal_threshold, labels, scores) if labels.any() else None
-    pixel_f1 = _metric(metrics.f1_optimal_threshold, masks, maps) if has_masks and masks.any() else None
-    result = {
-        "image_auroc": _metric(metrics.image_auroc, labels, scores),
-        "pixel_auroc": _metric(metrics.pixel_auroc, masks, maps) if has_masks else None,
-        "au_pro": _metric(metrics.au_pro, masks, maps) if has_masks else None,
-        "masks": "available" if has_masks else "not available (labels only)",
-        "image_threshold_f1": image_f1,
-        "pixel_threshold_f1": pixel_f1,
-        "n_train": len(train),
-        "n_test": len(test),
-        "n_anomalous": int(labels.sum()),
-        "bank_size": int(sum(m.bank.shape[0] for m in getattr(model, "members", [model]))),
-        "seconds": round(time.perf_counter() - start, 1),
-        "scores": [{"name": r["name"], "kind": r["kind"], "label": int(r["label"]), "score": float(s)}
-                   for r, s in zip(meta, scores)],
-    }
+    masks = test_masks(cfg, meta, mask_rule)
+    result = category_result(meta, scores, maps, masks, n_train=len(train),
+                             bank_size=int(sum(m.bank.shape[0] for m in getattr(model, "members", [model]))),
+                             seconds=time.perf_counter() - start)
+    image_f1, pixel_f1 = result["image_threshold_f1"], result["pixel_threshold_f1"]
+    has_masks = result["masks"] == "available"
     from patchcore_jax._src.model.detector import Threshold
 
     if image_f1 is not None:
@@ -136,6 +124,37 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
         model.pixel_threshold = Threshold(pixel_f1["threshold"], "F1-optimal over the evaluated test set's pixels")
     pick = panels_to_draw([r["kind"] for r in meta], heatmaps)
     return result, [(meta[i]["name"], meta[i]["prediction"], masks[i] if has_masks else None) for i in pick]
+
+
+def test_masks(cfg: PatchCoreConfig, meta: list[dict], mask_rule: str) -> np.ndarray:
+    """The test records' ground-truth masks at the crop's geometry `(N, crop, crop)`."""
+    return np.stack([cfg.image_geometry.mask(r["mask"], rule=mask_rule, name=r["name"]) for r in meta])
+
+
+def category_result(meta: list[dict], scores, maps, masks, *, n_train: int, bank_size: int, seconds: float) -> dict:
+    """One category's result from its test records, image scores `(N,)`, maps `(N, crop, crop)` and
+    masks (`test_masks`): the metrics, the F1-optimal thresholds, the counts and every score. `evaluate`
+    and `sweep` both report through here, so a sweep cell and an `evaluate` agree by construction."""
+    scores = np.asarray(scores)
+    labels = np.array([int(r["label"]) for r in meta])
+    has_masks = all(bool(r.get("has_mask", True)) for r in meta)
+    image_f1 = _metric(metrics.f1_optimal_threshold, labels, scores) if labels.any() else None
+    pixel_f1 = _metric(metrics.f1_optimal_threshold, masks, maps) if has_masks and masks.any() else None
+    return {
+        "image_auroc": _metric(metrics.image_auroc, labels, scores),
+        "pixel_auroc": _metric(metrics.pixel_auroc, masks, maps) if has_masks else None,
+        "au_pro": _metric(metrics.au_pro, masks, maps) if has_masks else None,
+        "masks": "available" if has_masks else "not available (labels only)",
+        "image_threshold_f1": image_f1,
+        "pixel_threshold_f1": pixel_f1,
+        "n_train": int(n_train),
+        "n_test": len(meta),
+        "n_anomalous": int(labels.sum()),
+        "bank_size": int(bank_size),
+        "seconds": round(seconds, 1),
+        "scores": [{"name": r["name"], "kind": r["kind"], "label": int(r["label"]), "score": float(s)}
+                   for r, s in zip(meta, scores)],
+    }
 
 
 def panels_to_draw(kinds: list[str], per_kind: int) -> list[int]:
@@ -212,7 +231,7 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
     per_category = {}
     for i, cat in enumerate(cats, 1):
         rel = os.path.join("categories", f"{cat.name}.json")
-        fingerprint = _fingerprint(cat, settings)
+        fingerprint = input_fingerprint(cat, settings)
         previous = _read_previous(outdir.path(rel))
         model_dir = outdir.path(os.path.join("models", cat.name))
         if save_models and not os.path.isdir(model_dir):

@@ -129,6 +129,9 @@ def serving_function(model, *, block_rows: int = BLOCK_ROWS) -> Callable[[jax.Ar
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows: expected a positive integer, got {block_rows!r}")
     cfg = model.config
+    if cfg.anomaly_scorer_num_nn != 1:
+        raise ValueError(f"anomaly_scorer_num_nn {cfg.anomaly_scorer_num_nn}: export supports the nearest-distance "
+                         "scorer only (k = 1)")
     bank = np.asarray(jax.device_get(model.bank), np.float32)
     size, _ = bank.shape
     nb = cfg.num_neighbors

@@ -16,10 +16,14 @@ from patchcore_jax._src.model.geometry import ImageGeometry
 _DTYPES = ("float32", "bfloat16")
 GEOMETRIES = ("center_crop", "squash")
 SEARCHES = ("auto", "brute", "clustered")
+SAMPLERS = ("greedy", "random", "identity")
+# Fields added after the first model files: a config.json without them loads with their defaults.
+LATER_FIELDS = ("anomaly_scorer_num_nn", "sampler")
 MAX_SEED = 2**32 - 1
 MAX_SIZE = 4096  # pixels of resize and crop; far beyond any published setting, far below exhausting memory
 _UPPER = {"resize": MAX_SIZE, "crop": MAX_SIZE, "batch_size": 1024, "pretrain_dim": 65536, "target_dim": 65536,
-          "patch_size": 15, "stride": 15, "num_starts": 10000, "num_neighbors": 10000}
+          "patch_size": 15, "stride": 15, "num_starts": 10000, "num_neighbors": 10000,
+          "anomaly_scorer_num_nn": 10000}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,9 +40,18 @@ class PatchCoreConfig:
         image resized to `crop x crop`, ignoring its aspect, as the mSTC protocol does).
       patch_size, stride, pretrain_dim, target_dim: the patch aggregation (API.md).
       coreset_fraction: the paper's PatchCore-n% (0.1 = 10%); 1.0 keeps the whole bank.
+      sampler: how the bank's `coreset_fraction` of rows is chosen: "greedy" (Algorithm 1, the
+        default), "random" (the published RandomSampler baseline: a seeded uniform draw without
+        replacement), or "identity" (every row; `coreset_fraction` is then ignored).
       projection_dim: width of the coreset's random projection psi; 0 measures in the full space.
       num_starts: random start points of the greedy coreset.
       num_neighbors: b of Eq. 7 (9); 1 gives the published code's plain maximum.
+      anomaly_scorer_num_nn: k of the published NearestNeighbourScorer (1): a patch's score is the
+        root mean square of its k nearest bank distances, `sqrt(mean_j d_j^2)`. The published code
+        averages faiss's squared distances; the square root keeps this project's units (distances,
+        not squared) and is monotone, so image scores rank exactly as the published ones. With
+        b = num_neighbors > 1, Eq. 7 reweights that score: s* is the largest k-NN patch score and
+        m* the nearest bank row of its patch. k = 1 is the plain nearest distance.
       sigma: Gaussian blur of the anomaly maps, in pixels of the crop.
       seed: the one seed (0 <= seed < 2**32) from which the projection, start points and a random backbone are drawn.
       dtype: compute dtype of backbone and features; coreset_dtype: storage of the projected bank.
@@ -62,6 +75,8 @@ class PatchCoreConfig:
     projection_dim: int = 128
     num_starts: int = 10
     num_neighbors: int = 9
+    anomaly_scorer_num_nn: int = 1
+    sampler: str = "greedy"
     sigma: float = 4.0
     seed: int = 0
     dtype: str = "float32"
@@ -82,7 +97,7 @@ class PatchCoreConfig:
         if list(self.layers) != sorted(self.layers, key=taps.index) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers: expected distinct layers, finest first, got {self.layers!r}")
         for name in ("resize", "crop", "patch_size", "stride", "pretrain_dim", "target_dim", "num_starts",
-                     "num_neighbors", "batch_size"):
+                     "num_neighbors", "anomaly_scorer_num_nn", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -107,6 +122,8 @@ class PatchCoreConfig:
             raise ValueError(f"dtype: expected one of {_DTYPES}, got {self.dtype!r}")
         if self.coreset_dtype not in _DTYPES:
             raise ValueError(f"coreset_dtype: expected one of {_DTYPES}, got {self.coreset_dtype!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {SAMPLERS}, got {self.sampler!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search: expected one of {SEARCHES}, got {self.search!r}")
         if self.weights is not None and not isinstance(self.weights, str):
@@ -117,6 +134,17 @@ class PatchCoreConfig:
         """`resize`, `crop` and `geometry` as the one value images, masks and maps go through."""
         return ImageGeometry(resize=self.resize, crop=self.crop, mode=self.geometry)
 
+    @property
+    def bank_rows_needed(self) -> int:
+        """The fewest bank rows this config can score with: max(b, k)."""
+        return max(self.num_neighbors, self.anomaly_scorer_num_nn)
+
+    def bank_size(self, num_rows: int) -> int:
+        """The bank's rows after sampling `num_rows` training patches (`sampler`, `coreset_fraction`)."""
+        from patchcore_jax._src.stages.coreset import coreset_size
+
+        return int(num_rows) if self.sampler == "identity" else coreset_size(num_rows, self.coreset_fraction)
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
@@ -126,7 +154,8 @@ class PatchCoreConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, strict: bool = False) -> "PatchCoreConfig":
         """The inverse of `to_dict`. `strict` (model files): every field present, each of its JSON type
-        (a list for `layers`); otherwise missing fields take their defaults."""
+        (a list for `layers`), except the `LATER_FIELDS`, which model files written before them lack and
+        which take their defaults; otherwise missing fields take their defaults."""
         if not isinstance(data, dict):
             raise ValueError(f"config: expected an object of settings, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -134,7 +163,7 @@ class PatchCoreConfig:
         if unknown:
             raise ValueError(f"config: unknown fields {unknown}")
         if strict:
-            missing = sorted(set(fields) - set(data))
+            missing = sorted(set(fields) - set(data) - set(LATER_FIELDS))
             if missing:
                 raise ValueError(f"config: missing fields {missing}")
             for name, value in data.items():
@@ -159,7 +188,7 @@ def _is_real(value) -> bool:
 _JSON_TYPES = {
     "backbone": str, "weights": (str, type(None)), "layers": list, "resize": int, "crop": int, "geometry": str,
     "patch_size": int, "stride": int, "pretrain_dim": int, "target_dim": int, "coreset_fraction": (int, float),
-    "projection_dim": int, "num_starts": int, "num_neighbors": int, "sigma": (int, float), "seed": int,
+    "projection_dim": int, "num_starts": int, "num_neighbors": int, "anomaly_scorer_num_nn": int, "sampler": str, "sigma": (int, float), "seed": int,
     "dtype": str, "coreset_dtype": str, "search": str, "batch_size": int,
 }
 

@@ -253,7 +253,7 @@ class Detector:
         items = [item for _, item in preprocess.iter_images(images)]
         n = len(items)
         k = max(1, int(round(held_out * n))) if held_out > 0 else 0
-        if k == 0 or n - k < 1 or self.bank_size_for(n - k) < self.config.num_neighbors:
+        if k == 0 or n - k < 1 or self.bank_size_for(n - k) < self.config.bank_rows_needed:
             self.fit(items)
             return {"images": n, "held_out": 0}
         fold = set(np.unique(np.linspace(0, n - 1, k).round().astype(int)).tolist())

@@ -113,9 +113,9 @@ def check_bank(bank, config: PatchCoreConfig) -> np.ndarray:
         raise ValueError(f"bank: expected shape (M, {config.target_dim}) with M >= 1, got {bank.shape}")
     if not np.isfinite(bank).all():
         raise ValueError("bank: holds NaN or infinite values")
-    if len(bank) < config.num_neighbors:
-        raise ValueError(f"bank: {len(bank)} rows are fewer than num_neighbors ({config.num_neighbors}); "
-                         "fit on more images, raise coreset_fraction or lower num_neighbors")
+    if len(bank) < config.bank_rows_needed:
+        raise ValueError(f"bank: {len(bank)} rows are fewer than num_neighbors / anomaly_scorer_num_nn "
+                         f"({config.bank_rows_needed}); fit on more images, raise coreset_fraction or lower them")
     return bank
 
 

@@ -146,7 +146,8 @@ class Executor:
                 counts[0] += len(rows_)
                 yield rows_
 
-        streaming = self.mesh is None and cfg.projection_dim > 0 and cfg.coreset_fraction < 1.0
+        streaming = (self.mesh is None and cfg.projection_dim > 0 and cfg.coreset_fraction < 1.0
+                     and cfg.sampler == "greedy")
         if streaming:
             projection = coreset.random_projection(cfg.seed, cfg.target_dim, cfg.projection_dim)
 
@@ -167,9 +168,10 @@ class Executor:
             if bank is None:
                 raise ValueError("images: expected at least one training image, got none")
         n = counts[0]
-        if len(bank) < cfg.num_neighbors:
-            raise ValueError(f"images: {n} training patches give a bank of {len(bank)} rows, fewer than num_neighbors "
-                             f"({cfg.num_neighbors}); fit on more images, raise coreset_fraction or lower num_neighbors")
+        if cfg.bank_size(n) < cfg.bank_rows_needed:
+            raise ValueError(f"images: {n} training patches give a bank of {cfg.bank_size(n)} rows, fewer than "
+                             f"num_neighbors / anomaly_scorer_num_nn ({cfg.bank_rows_needed}); fit on more images, "
+                             "raise coreset_fraction or lower num_neighbors")
         if not streaming:
             bank = self.subsample(bank, progress=progress)
         return bank, n, sample.rows()
@@ -227,9 +229,11 @@ class Executor:
         """The in-memory coreset (a mesh, or no projection); the same rules as the stream's."""
         cfg = self.config
         n = len(bank)
-        if cfg.coreset_fraction >= 1.0:
+        if cfg.bank_size(n) == n:
             return bank
-        num = coreset.coreset_size(n, cfg.coreset_fraction)
+        num = cfg.bank_size(n)
+        if cfg.sampler == "random":
+            return bank[coreset.random_subset(cfg.seed, n, num)]
         starts = coreset.start_points(cfg.seed, n, cfg.num_starts)
         projection = None
         if cfg.projection_dim:
@@ -311,10 +315,12 @@ class Executor:
         # The device stage makes no implicit transfer (as `fit`, tested under the same guard).
         with jax.transfer_guard("disallow"):
             if self.mesh is not None:
-                s, patch = sharding.image_scores(index, feats.reshape(b, h * w, d), num_neighbors=cfg.num_neighbors)
+                s, patch = sharding.image_scores(index, feats.reshape(b, h * w, d), num_neighbors=cfg.num_neighbors,
+                                                 anomaly_scorer_num_nn=cfg.anomaly_scorer_num_nn)
             else:
                 s, patch = scoring.image_scores_from_index(index, feats.reshape(b, h * w, d),
-                                                           num_neighbors=cfg.num_neighbors)
+                                                           num_neighbors=cfg.num_neighbors,
+                                                           anomaly_scorer_num_nn=cfg.anomaly_scorer_num_nn)
             maps = fitted_lib.anomaly_maps(patch, (h, w), cfg)
             if self.hosts is None:
                 scores, host_maps = jax.device_get((s, maps))

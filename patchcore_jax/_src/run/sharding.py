@@ -170,19 +170,21 @@ def nearest_neighbors(bank, queries, k: int = 1, *, mesh: Mesh | None = None):
     return _search_jit(index, _host_or_device(queries), k=k, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("num_neighbors", "mesh"))
-def _scores_jit(index, patch_features, *, num_neighbors, mesh):
+@functools.partial(jax.jit, static_argnames=("num_neighbors", "mesh", "num_nn"))
+def _scores_jit(index, patch_features, *, num_neighbors, mesh, num_nn=1):
     search = functools.partial(_sharded_search, mesh=mesh)
-    return scoring.scores_from_search(index, patch_features, search, num_neighbors=num_neighbors)
+    return scoring.scores_from_search(index, patch_features, search, num_neighbors=num_neighbors, num_nn=num_nn)
 
 
-def image_scores(index_or_bank, patch_features, *, num_neighbors: int = 9, mesh: Mesh | None = None):
+def image_scores(index_or_bank, patch_features, *, num_neighbors: int = 9, mesh: Mesh | None = None,
+                 anomaly_scorer_num_nn: int = 1):
     """`scoring.image_scores` over a row-sharded bank; same values as on one device."""
     mesh = mesh or make_mesh()
     index = index_or_bank if isinstance(index_or_bank, neighbors.BankIndex) else build_index(index_or_bank, mesh)
     _checks.check_width("patch_features", patch_features, "B, P", index.rows.shape[1], "the bank")
     num_neighbors = _checks.check_int("num_neighbors", num_neighbors, low=1, high=index.size)
-    return _scores_jit(index, _host_or_device(patch_features), num_neighbors=num_neighbors, mesh=mesh)
+    num_nn = _checks.check_int("anomaly_scorer_num_nn", anomaly_scorer_num_nn, low=1, high=index.size)
+    return _scores_jit(index, _host_or_device(patch_features), num_neighbors=num_neighbors, mesh=mesh, num_nn=num_nn)
 
 
 def _host_or_device(x):

@@ -39,6 +39,15 @@ def start_points(seed: int, num_rows: int, num_starts: int) -> tuple[int, ...]:
     return tuple(int(i) for i in rng.choice(num_rows, size=min(num_starts, num_rows), replace=False))
 
 
+def random_subset(seed: int, num_rows: int, num_samples: int) -> np.ndarray:
+    """The published RandomSampler baseline: `num_samples` distinct rows of `N`, drawn uniformly
+    without replacement by `np.random.default_rng(seed).choice`, returned sorted `(num_samples,)`.
+
+    DECISION: seeded from the config's seed (the published code draws from NumPy's global state)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(int(num_rows), size=min(int(num_samples), int(num_rows)), replace=False))
+
+
 def random_projection(key_or_seed, in_dim: int, out_dim: int, *, dtype=jnp.float32) -> jax.Array:
     """`(in_dim, out_dim)` projection psi, uniform in `+-1/sqrt(in_dim)` like a bias-free
     `torch.nn.Linear` (the published sampler's). The caller owns the key."""

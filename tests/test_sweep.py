@@ -1,0 +1,177 @@
+"""`sweep`: cells equal `evaluate`, coreset prefixes equal direct coresets, resume after kill -9, and
+bad grids refused before any work."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import patchcore_jax
+from patchcore_jax._src.app import cli, evaluate
+from patchcore_jax._src.app.sweep_report import columns
+from patchcore_jax._src.model.config import PatchCoreConfig
+from patchcore_jax._src.stages import bank as bank_lib
+from patchcore_jax._src.stages import coreset
+from tests.dataset_trees import make_mvtec
+from tests.helpers import SMALL, gaussian
+
+BASE = PatchCoreConfig(**SMALL)
+MODEL_ARGS = ["--backbone", "resnet18", "--resize", "72", "--crop", "64", "--pretrain-dim", "64", "--target-dim", "64",
+              "--neighbors", "3", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_mvtec(str(tmp_path_factory.mktemp("mvtec")))
+
+
+@pytest.fixture(scope="module")
+def swept(tree, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sweep") / "S")
+    grid = {"coreset_fraction": [0.05, 0.2], "anomaly_scorer_num_nn": [1, 3]}
+    report = patchcore_jax.sweep("mvtec", tree, BASE, out=out, grid=grid, seeds=[0])
+    return out, grid, report
+
+
+def test_every_cell_equals_evaluate_with_the_same_settings(swept, tree, tmp_path):
+    out, _, report = swept
+    assert report["ran"] == 8 and report["kept"] == 0
+    # The smaller coreset fraction comes from the larger one's greedy order: check it against evaluate.
+    for values in ({"coreset_fraction": "0.05", "anomaly_scorer_num_nn": "3"},
+                   {"coreset_fraction": "0.2", "anomaly_scorer_num_nn": "1"}):
+        cfg = BASE.replace(coreset_fraction=float(values["coreset_fraction"]),
+                           anomaly_scorer_num_nn=int(values["anomaly_scorer_num_nn"]))
+        want = evaluate.evaluate("mvtec", tree, cfg, out=str(tmp_path / f"e{values['coreset_fraction']}"), heatmaps=0)
+        for cat, res in want["categories"].items():
+            row = next(r for r in report["results"] if r["category"] == cat and r["values"] == values)
+            got = row["result"]
+            assert got["bank_size"] == res["bank_size"] and got["n_train"] == res["n_train"]
+            for m in ("image_auroc", "pixel_auroc", "au_pro"):
+                assert got[m] == pytest.approx(res[m], abs=1e-9), (cat, values, m)
+
+
+def test_results_table_and_plots(swept):
+    out, grid, report = swept
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == columns(list(grid))
+    assert rows[0][:7] == ["category", "coreset_fraction", "anomaly_scorer_num_nn", "seed", "image_auroc",
+                           "pixel_auroc", "au_pro"]
+    assert len(rows) == 1 + 8 and {r[1] for r in rows[1:]} == {"0.05", "0.2"}
+    table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
+    assert "| **mean** |" in table and "coreset_fraction=0.05, anomaly_scorer_num_nn=3" in table
+    for metric in ("image_auroc", "pixel_auroc", "au_pro"):
+        for key in grid:
+            with open(os.path.join(out, "plots", f"{metric}-{key}.png"), "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_sweep_returns_at_once_and_changes_recompute_only_what_they_touch(swept, tree):
+    out, grid, _ = swept
+    again = patchcore_jax.sweep("mvtec", tree, BASE, out=out, grid=grid, seeds=[0])
+    assert again["ran"] == 0 and again["kept"] == 8
+    more = patchcore_jax.sweep("mvtec", tree, BASE, out=out, grid={**grid, "anomaly_scorer_num_nn": [1, 3, 5]}, seeds=[0])
+    assert more["ran"] == 4 and more["kept"] == 8  # the new value only, on features and coresets kept on disk
+    # Touching one category's file recomputes that category's units only.
+    image = os.path.join(tree, "grid", "test", "good", "000.png")
+    os.utime(image, ns=(time.time_ns(), time.time_ns()))
+    touched = patchcore_jax.sweep("mvtec", tree, BASE, out=out, grid=grid, seeds=[0])
+    assert touched["ran"] == 4 and touched["kept"] == 4
+
+
+def test_the_feature_store_is_reused_and_removable(swept, tree):
+    out, grid, _ = swept
+    features = os.path.join(out, "features")
+    seals = [os.path.join(d, f) for d, _, fs in os.walk(features) for f in fs if f.endswith(".seal.json")]
+    assert seals  # one sealed array per category and layer
+    done = patchcore_jax.sweep("mvtec", tree, BASE, out=out, grid=grid, seeds=[0], remove_features=True)
+    assert done["ran"] == 0 and not os.path.exists(features)
+
+
+@pytest.mark.parametrize("n, seed", [(300, 0), (517, 3)])
+def test_greedy_prefixes_equal_direct_coresets(n, seed):
+    rows = gaussian(seed, (n, 24))
+    projection = coreset.random_projection(seed, 24, 8)
+    batches = lambda: (rows[i : i + 64] for i in range(0, n, 64))  # noqa: E731
+    _, largest = bank_lib.build_memory_bank(batches(), coreset_fraction=0.25, projection=projection, seed=seed)
+    for fraction in (0.01, 0.1, 0.2):
+        _, direct = bank_lib.build_memory_bank(batches(), coreset_fraction=fraction, projection=projection, seed=seed)
+        np.testing.assert_array_equal(direct, largest[: len(direct)])
+    starts = coreset.start_points(seed, n, 10)
+    whole = np.asarray(coreset.greedy_coreset(rows, 60, projection=projection, start_indices=starts))
+    np.testing.assert_array_equal(np.asarray(coreset.greedy_coreset(rows, 17, projection=projection,
+                                                                    start_indices=starts)), whole[:17])
+
+
+@pytest.mark.parametrize("grid, named", [
+    ("colour=1,2", "--grid colour: unknown key"),
+    ("sampler=greedy,kmeans", "--grid sampler=kmeans"),
+    ("patch_size=3,x", "--grid patch_size=x"),
+    ("seed=1,2", "--seeds"),
+])
+def test_bad_grids_are_refused_before_any_work(tree, tmp_path, capsys, grid, named):
+    out = tmp_path / "S"
+    code = cli.main(["sweep", "--dataset", "mvtec", "--root", tree, "--out", str(out), "--grid", grid, *MODEL_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_dry_run_lists_cells_and_does_nothing(tree, tmp_path, capsys):
+    out = tmp_path / "S"
+    code = cli.main(["sweep", "--dataset", "mvtec", "--root", tree, "--out", str(out), "--grid",
+                     "coreset_fraction=0.01,0.1", "--grid", "layers=layer2+layer3,layer1+layer2+layer3", "--seeds",
+                     "0,1", "--dry-run", *MODEL_ARGS])
+    text = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    assert "4 cells x 2 seeds x 2 categories = 16 units" in text and "layer1+layer2+layer3" in text
+    assert "prefixes" in text
+
+
+# Runs the sweep of `test_resume_after_kill_9` and stops for good after its first unit, so the kill
+# lands mid-run at a known point (one unit done, three not).
+DRIVER = """
+import sys, time
+import patchcore_jax
+from patchcore_jax import PatchCoreConfig
+from tests.helpers import SMALL
+
+def log(line):
+    print(line, flush=True)
+    if line.startswith("[1/"):
+        time.sleep(600)
+
+patchcore_jax.sweep("mvtec", sys.argv[1], PatchCoreConfig(**SMALL), out=sys.argv[2],
+                    grid=["coreset_fraction=0.05,0.2"], log=log)
+"""
+
+
+def test_resume_after_kill_9(tree, tmp_path):
+    out = str(tmp_path / "S")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, tree, out], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[1/4]"):
+            break
+    assert proc.poll() is None, "".join(lines)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    units = os.path.join(out, "units")
+    assert len([f for d, _, fs in os.walk(units) for f in fs if f.endswith(".json")]) == 1
+    command = [sys.executable, "-m", "patchcore_jax._src.app.cli", "sweep", "--dataset", "mvtec", "--root", tree,
+               "--out", out, "--grid", "coreset_fraction=0.05,0.2", "--quiet", *MODEL_ARGS]
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 units run, 1 kept from before" in again.stdout
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 5 and len({tuple(r[:3]) for r in rows[1:]}) == 4
