@@ -1,19 +1,26 @@
 """The `patchcore-jax` command line: the only place that parses arguments or prints.
 
 Every argument and output location is validated before any work starts. Exit codes: 0 success; 2 bad
-usage or bad input (one line naming the path or value given); 1 an unexpected failure (one line;
-`--debug`, accepted in any position, shows the traceback); 3 done, but `predict --skip-unreadable`
-skipped files (each named); 130 interrupted.
+usage or bad input, or a full disk (one line naming the path or value given); 1 an unexpected failure
+(one line; `--debug`, accepted in any position, shows the traceback); 3 done, but `predict
+--skip-unreadable` skipped files (each named); 130 interrupted (SIGINT, Ctrl-C), 143 terminated
+(SIGTERM), each after its cleanup (see `app.signals`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
-from patchcore_jax._src.app import commands
-from patchcore_jax._src.app.console import UsageError, add_model_options, say, use_compilation_cache, version
+from patchcore_jax._src.app import commands, signals
+from patchcore_jax._src.app.console import (
+    UsageError, add_model_options, close_progress_bars, say, use_compilation_cache, version,
+)
 
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: exit 2, naming the file
 
 
 # -- the parser -----------------------------------------------------------------------------------------
@@ -128,11 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one command; returns its exit status. Run as the program (`argv` None), an interrupted
+    command ends the process by its signal once its cleanup is done (`signals.end_process`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = getattr(args, "debug", False)
     args.quiet = getattr(args, "quiet", False)
     args.no_compile_cache = getattr(args, "no_compile_cache", False)
+    with signals.interruptible():
+        try:
+            return run(args)
+        except KeyboardInterrupt as err:
+            status = err.exit_status if isinstance(err, signals.Interrupted) else 130
+            name = err.name if isinstance(err, signals.Interrupted) else "SIGINT"
+            say(f"patchcore-jax {args.command}: {'terminated' if status == 143 else 'interrupted'} ({name}); "
+                "stopped before the end, temporary files removed", sys.stderr)
+            if argv is None:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                signals.end_process(status - 128)
+            return status
+
+
+def run(args) -> int:
+    """`args.func(args)`, its failures turned into one line and an exit status (see the module docstring)."""
     try:
         if args.command != "convert-weights":
             use_compilation_cache(not args.no_compile_cache)
@@ -143,9 +169,17 @@ def main(argv=None) -> int:
         message = str(err).replace("\n", " ")
         say(f"patchcore-jax {args.command}: error: {message}", sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        say("interrupted", sys.stderr)
-        return 130
+    except OSError as err:
+        if args.debug:
+            raise
+        if err.errno not in FULL:
+            say(f"patchcore-jax {args.command}: unexpected failure: {type(err).__name__}: {err} (rerun with --debug)",
+                sys.stderr)
+            return 1
+        where = f" writing {err.filename}" if err.filename else ""
+        say(f"patchcore-jax {args.command}: error: {err.strerror}{where}; free some space there (or write elsewhere: "
+            "--out; $TMPDIR for fit's temporary bank) and run it again", sys.stderr)
+        return 2
     except Exception as err:  # one line for users; --debug for the traceback
         if args.debug:
             raise
@@ -153,6 +187,8 @@ def main(argv=None) -> int:
         say(f"patchcore-jax {args.command}: unexpected failure: {type(err).__name__}: {message} (rerun with --debug)",
              sys.stderr)
         return 1
+    finally:
+        close_progress_bars()  # a last message starts on a line of its own
 
 
 if __name__ == "__main__":

@@ -210,6 +210,7 @@ class ProgressBars:
         self.every = every
         self.bars = {}
         self.lines = {}  # stage -> (time of the last line, last done)
+        OPEN_BARS.append(self)
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         stream = self.stream or sys.stderr
@@ -244,6 +245,16 @@ class ProgressBars:
             bar.close()
         self.bars.clear()
         self.lines.clear()
+
+
+OPEN_BARS: list[ProgressBars] = []
+
+
+def close_progress_bars() -> None:
+    """Closes every progress bar drawn so far (before a last message, e.g. on Ctrl-C), so the message
+    starts on a line of its own."""
+    while OPEN_BARS:
+        OPEN_BARS.pop().close()
 
 
 def progress_for(quiet: bool):
