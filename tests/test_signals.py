@@ -123,3 +123,108 @@ def test_handlers_are_restored_and_a_second_signal_never_cuts_the_cleanup():
                 cleaned.append(True)
     assert caught.value.signum == signal.SIGTERM and caught.value.exit_status == 143 and cleaned == [True]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+# -- real commands, signalled at several instants ---------------------------------------------------------
+TINY = ["--backbone", "resnet18", "--layers", "layer2", "--resize", "72", "--crop", "64", "--pretrain-dim", "32",
+        "--target-dim", "32", "--neighbors", "3", "--batch-size", "4"]
+BAD = ("Traceback", "Exception ignored", "Fatal Python error", "Segmentation fault")
+
+
+class Run:
+    """A command started now and sent `sig` `delay` seconds after its stderr first shows `after` (at
+    once when None), if it is still running then."""
+
+    def __init__(self, args, tmp_path, *, after, sig, delay=0.0):
+        import threading
+
+        self.tmpdir = tmp_path / f"tmp-{len(list(tmp_path.iterdir()))}"
+        self.tmpdir.mkdir()
+        env = dict(_env(tmp_path), TMPDIR=str(self.tmpdir))
+        self.sig, self.sent, self.lines = sig, False, []
+        self.proc = subprocess.Popen([sys.executable, "-m", "patchcore_jax.cli", *args], env=env, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.reader = threading.Thread(target=self._read, args=(after, delay), daemon=True)
+        self.reader.start()
+
+    def _read(self, after, delay):
+        if after is None:
+            self._send(delay)
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if after is not None and not self.sent and after in line:
+                self._send(delay)
+
+    def _send(self, delay):
+        time.sleep(delay)
+        if self.proc.poll() is None:
+            self.sent = True
+            self.proc.send_signal(self.sig)
+
+    def finish(self, command):
+        self.proc.wait(timeout=600)
+        self.reader.join(timeout=60)
+        text = "\n".join(self.lines)
+        assert not any(bad in text for bad in BAD), text[-3000:]
+        assert os.listdir(self.tmpdir) == [], (os.listdir(self.tmpdir), text[-2000:])  # no patchcore-bank-*
+        if not self.sent:  # it ended before the instant came: a plain run
+            assert self.proc.returncode == 0, text[-3000:]
+            return
+        status = 128 + self.sig
+        assert shell_status(self.proc.returncode) == status, text[-3000:]
+        word = "terminated" if self.sig == signal.SIGTERM else "interrupted"
+        assert self.lines[-1] == (f"patchcore-jax {command}: {word} ({signal.Signals(self.sig).name}); stopped "
+                                  "before the end, temporary files removed"), text[-3000:]
+
+
+def _images(folder, n, seed):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((rng.random((72, 72, 3)) * 80 + 90).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _no_temporaries(folder):
+    left = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if ".tmp-" in n]
+    assert left == []
+
+
+def test_commands_stopped_at_several_instants_end_cleanly(tmp_path):
+    from patchcore_jax._src.io import model_files
+    from tests import dataset_trees
+
+    train = _images(tmp_path / "train", 16, 0)
+    test = _images(tmp_path / "test", 24, 1)
+    model = tmp_path / "model"
+    assert subprocess.run([sys.executable, "-m", "patchcore_jax.cli", "fit", "--train", str(train), "--out", str(model),
+                           "--quiet", *TINY], env=_env(tmp_path), capture_output=True).returncode == 0
+    root = dataset_trees.make_mvtec(str(tmp_path / "mvtec"))
+    fits = {f"fit-{i}": (after, sig, delay) for i, (after, sig, delay) in enumerate([
+        (None, signal.SIGINT, 1.0),  # while Python and JAX load
+        ("NOTE", signal.SIGINT, 0.0),  # as the backbone compiles
+        ("extracting train features", signal.SIGTERM, 0.0),
+        ("greedy coreset", signal.SIGINT, 0.0),
+    ])}
+    runs = {name: Run(["fit", "--train", str(train), "--out", str(tmp_path / name), *TINY], tmp_path, after=after,
+                      sig=sig, delay=delay) for name, (after, sig, delay) in fits.items()}
+    runs["predict"] = Run(["predict", "--model", str(model), str(test), "--out", str(tmp_path / "pred"), "--save-maps"],
+                          tmp_path, after="scoring", sig=signal.SIGINT, delay=0.3)
+    runs["evaluate"] = Run(["evaluate", "--dataset", "mvtec", "--root", root, "--out", str(tmp_path / "eval"), *TINY],
+                           tmp_path, after="extracting train features", sig=signal.SIGINT, delay=0.0)
+    for name, run in runs.items():
+        run.finish(name.split("-")[0])
+    assert sum(run.sent for run in runs.values()) >= 4  # most instants came before the end
+    for name in fits:
+        folder = tmp_path / name
+        if folder.exists():  # stopped after the save: a whole model
+            assert model_files.read_model_files(folder)["kind"] == "model"
+    assert not any(n.startswith(".fit-") for n in os.listdir(tmp_path))  # no half-written model beside them
+    pred = tmp_path / "pred"
+    if (pred / "scores.csv").exists():
+        with open(pred / "scores.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:  # every row's heatmap was written before the row
+            assert (pred / row["heatmap"]).is_file(), row
+        _no_temporaries(pred)
+    _no_temporaries(tmp_path / "eval")

@@ -16,7 +16,8 @@ Two things stood in the way, each found in a crashed or hung run:
   under a running XLA thread.
 - Python drops an exception raised inside a garbage-collector callback (JAX registers one), with
   "Exception ignored in: _xla_gc_callback": the signal was lost and the command ran on (then SIGKILL
-  left its spill folder). `unraisable` sees such a drop and delivers the signal again.
+  left its spill folder). `unraisable` sees such a drop and delivers the signal again. A signal that
+  arrives while a module is imported is delivered once the import is over (`importing`).
 A second signal while the first one's cleanup runs is ignored, so the cleanup is never cut short.
 """
 
@@ -63,23 +64,28 @@ def interruptible():
         return
     state = _State()
 
+    def later():
+        """The signal again a moment later, from another thread, so that it lands after the frames
+        that must not see it have returned (should it land in another such place, it comes back)."""
+        state.raised = False
+        again = threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), state.signum))
+        again.daemon = True
+        again.start()
+
     def handler(signum, frame):
         if state.signum is None:
             state.signum = signum
-        if not state.raised:
-            state.raised = True
-            raise Interrupted(state.signum)
-        # a second signal during the cleanup of the first: ignored
+        if state.raised:
+            return  # a second signal during the cleanup of the first: ignored
+        if importing(frame):
+            later()
+            return
+        state.raised = True
+        raise Interrupted(state.signum)
 
     def unraisable(info):
         if isinstance(info.exc_value, Interrupted) and state.signum is not None:
-            # Dropped (in a gc callback, a __del__): delivered again a moment later, from another
-            # thread, so that it lands after this hook and the dropping frame have returned (it would
-            # be dropped again inside them; should it land in another such place, it comes back here).
-            state.raised = False
-            again = threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), state.signum))
-            again.daemon = True
-            again.start()
+            later()  # dropped (in a gc callback, a __del__)
             return
         previous_hook(info)
 
@@ -95,6 +101,17 @@ def interruptible():
         for n in names:
             signal.signal(getattr(signal, n), previous[n] if previous[n] is not None else signal.SIG_DFL)
         sys.unraisablehook = previous_hook
+
+
+def importing(frame) -> bool:
+    """Whether `frame` runs inside an import: an exception raised there can leave a half-initialised
+    module behind, and an extension's initialisation turns it into an ImportError with a traceback
+    (seen with NumPy's), so the signal waits until the import is over."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def end_process(signum: int) -> None:
