@@ -95,5 +95,6 @@ def test_loads_racing_saves_from_another_process_always_yield_a_whole_model(two_
     assert report["failed"] == 0, report
     assert set(report["seen"]) <= {"1.0", "2.0"} and sum(report["seen"].values()) > 0, report
     assert int(saves) > 1
+    print(f"{seconds} s, exchange {exchange}: {int(saves)} saves, {sum(report['seen'].values())} loads, no failure")
     assert model_files.read_model_files(target)["kind"] == "model"
     assert sorted(os.listdir(tmp_path)) == ["model", "stop"]  # no temporary folder left behind
