@@ -53,6 +53,7 @@ class _State:
     def __init__(self):
         self.signum: int | None = None  # the first signal received
         self.raised = False  # raised and not dropped
+        self.active = True  # the block still runs: a signal delivered again is still wanted
 
 
 @contextlib.contextmanager
@@ -68,7 +69,12 @@ def interruptible():
         """The signal again a moment later, from another thread, so that it lands after the frames
         that must not see it have returned (should it land in another such place, it comes back)."""
         state.raised = False
-        again = threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), state.signum))
+
+        def deliver():
+            if state.active:
+                os.kill(os.getpid(), state.signum)
+
+        again = threading.Timer(REDELIVERY_SECONDS, deliver)
         again.daemon = True
         again.start()
 
@@ -98,6 +104,7 @@ def interruptible():
     try:
         yield
     finally:
+        state.active = False
         for n in names:
             signal.signal(getattr(signal, n), previous[n] if previous[n] is not None else signal.SIG_DFL)
         sys.unraisablehook = previous_hook
