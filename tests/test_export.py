@@ -221,7 +221,7 @@ def test_lying_or_malformed_stablehlo_metadata_is_refused_in_one_line(stablehlo_
     _refused(tmp_path / "no-input.stablehlo", "input shape")
     deep = export.MAGIC + b"[" * 100_000 + b"]" * 100_000 + b"\n" + b"x"
     (tmp_path / "deep.stablehlo").write_bytes(deep)
-    _refused(tmp_path / "deep.stablehlo", "nested too deeply")
+    _refused(tmp_path / "deep.stablehlo", "nested more than 32 levels deep")
     big = tmp_path / "big.stablehlo"
     big.write_bytes(data)
     os.truncate(big, 8 << 30)

@@ -111,3 +111,197 @@ def test_names_that_are_code_reach_neither_the_spreadsheet_nor_the_terminal(tmp_
                      "--quiet", "--no-heatmaps"]) == 2
     err = capsys.readouterr().err
     assert "\\x1b]0;owned\\x07.png" in err and "\x1b" not in err and "\x07" not in err
+
+
+# -- the rest of issue 25: memory, full disks, names, nesting, evaluate's folder -----------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny-model")
+    data = make_synthetic(seed=5, n_train=4, n_test_good=2, n_test_defect=2, size=80, margin=16)
+    model = quiet_model(TINY).fit(data["train"])
+    model.threshold = 1.0
+    model.save(base / "model")
+    images = base / "images"
+    images.mkdir()
+    for i, img in enumerate(data["test"]):
+        Image.fromarray(img).save(images / f"{i}.png")
+    return model, base / "model", images
+
+
+def test_settings_that_need_more_memory_than_the_machine_has_are_refused_before_work(tiny_model, tmp_path, capsys):
+    from patchcore_jax._src.app.console import UsageError, check_memory
+
+    model, _, images = tiny_model
+    check_memory(model, 4, available=1 << 40)  # fits
+    with pytest.raises(UsageError, match=r"--crop 64 --batch-size 4: a fit on 4 images needs about .* GiB \(.* for "
+                                         r"the backbone on one batch, .* for the memory bank\), but 0.0 GiB is available"):
+        check_memory(model, 4, available=1 << 20)
+    code = cli.main(["fit", "--train", str(images), "--out", str(tmp_path / "big"), "--backbone", "resnet18",
+                     "--crop", "4096", "--resize", "4096", "--batch-size", "1024", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--crop 4096 --batch-size 1024" in err and "GiB is available; use --batch-size" in err
+    assert not (tmp_path / "big").exists()
+
+
+def test_a_full_disk_names_the_file_and_no_row_points_at_a_missing_heatmap(tiny_model, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from patchcore_jax._src.app import visualize
+
+    _, model_dir, images = tiny_model
+    drawn = []
+    real = visualize.draw_panel
+
+    def draw_until_full(path, **kwargs):
+        if len(drawn) == 2:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as matplotlib raises it: no file named
+        drawn.append(path)
+        real(path, **kwargs)
+
+    monkeypatch.setattr(visualize, "draw_panel", draw_until_full)
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--model", str(model_dir), str(images), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the random-backbone note
+    assert err.startswith("patchcore-jax predict: error: No space left on device writing ")
+    assert err.endswith(os.path.join(str(out), "heatmaps", "2.png") + "; free some space there (or write elsewhere: "
+                        "--out; $TMPDIR for fit's temporary bank) and run it again")
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(images / "0.png"), str(images / "1.png")]
+    assert all((out / r["heatmap"]).is_file() for r in rows)
+    assert not [n for n in os.listdir(out / "heatmaps") if ".tmp-" in n]
+
+
+def test_a_row_cut_short_is_cut_off_again(tmp_path, monkeypatch):
+    import errno
+
+    from patchcore_jax._src.io import outputs
+
+    out = OutputDir.claim(tmp_path / "o", "predict")
+    with out.open_rows("scores.csv", ["path", "score"]) as table:
+        table.write(["a.png", 1.5])
+        real, calls = os.write, []
+
+        def half_then_full(fd, data):
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(outputs.os, "write", half_then_full)
+        with pytest.raises(OSError, match="scores.csv"):
+            table.write(["b.png", 2.5])
+        monkeypatch.setattr(outputs.os, "write", real)
+        table.write(["c.png", 3.5])
+    assert (tmp_path / "o" / "scores.csv").read_bytes() == b"path,score\r\na.png,1.5\r\nc.png,3.5\r\n"
+
+
+def test_heatmap_names_never_collide_with_the_folders_of_others(tiny_model, tmp_path):
+    from hypothesis import given, strategies as st
+
+    from patchcore_jax._src.app.records import OUTPUT_SUFFIXES, output_names
+
+    part = st.sampled_from(["x", "x.png", "x.jpg", "x.npy", "x_png", "x-2", "x.png.png", "y"])
+    paths = st.lists(st.lists(part, min_size=1, max_size=3).map(lambda p: "/r/" + "/".join(p) + ".png"), min_size=1,
+                     max_size=6, unique=True).filter(lambda ps: not any(q.startswith(p[:-4] + ".png/") for p in ps
+                                                                        for q in ps))
+
+    @given(paths)
+    def check(ps):
+        names = output_names(ps)
+        files = {n + s for n in names for s in OUTPUT_SUFFIXES}
+        assert len(set(names)) == len(names)
+        for n in names:
+            parent = os.path.dirname(n)
+            while parent:
+                assert parent not in files, (ps, names)
+                parent = os.path.dirname(parent)
+
+    check()
+    _, model_dir, images = tiny_model
+    tree = tmp_path / "in"
+    (tree / "x.png").mkdir(parents=True)  # a folder named like x.jpg's heatmap
+    (tree / "x.png" / "a.png").write_bytes((images / "0.png").read_bytes())
+    Image.open(images / "1.png").save(tree / "x.jpg")
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--model", str(model_dir), str(tree), "--out", str(out), "--quiet", "--save-maps"]) == 0
+    with open(out / "scores.csv", newline="") as f:
+        assert all((out / r["heatmap"]).is_file() for r in csv.DictReader(f))
+
+
+def test_names_with_tabs_and_dollars_draw_without_warnings_or_math(tmp_path):
+    import warnings
+
+    from patchcore_jax._src.app import visualize
+
+    amap = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph (the tab) or a math parse error would surface
+        for name in ("a\tb.png", "$\\frac$.png", "x$y$z\x1b.png"):
+            visualize.draw_panel(str(tmp_path / "p.png"), image=np.zeros((32, 32, 3), np.uint8), amap=amap,
+                                 scale=(0.0, 0.5, 1.0), score=0.7, image_threshold=0.5, name=name)
+    assert visualize.plain("a\tb$c") == "a\\x09b\\$c"
+
+
+def test_json_nested_deeply_ends_in_one_line_exit_2(tiny_model, tmp_path, capsys):
+    import shutil
+
+    from patchcore_jax._src.io import atomic, model_files
+    from patchcore_jax._src.io.exported import load_exported
+    from patchcore_jax._src.io.export_format import ExportFileError, MAGIC, canonical
+
+    model, model_dir, images = tiny_model
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, edit in (("manifest.json", lambda text: deep),
+                       ("config.json", lambda text: text.replace('"calibration": {', '"calibration": {"x": ' + deep + ", ", 1))):
+        bad = tmp_path / name
+        shutil.copytree(model_dir, bad)
+        (bad / name).write_text(edit((bad / name).read_text()))
+        if name != "manifest.json":
+            files = {n: (bad / n).read_bytes() for n in model_files.FILES}
+            (bad / model_files.MANIFEST).write_bytes(model_files.manifest_bytes(files))
+        capsys.readouterr()
+        assert cli.main(["predict", "--model", str(bad), str(images), "--out", str(tmp_path / f"o-{name}"),
+                         "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name}: not valid JSON (nested more than 32 levels deep)" in err, err
+    # An export's metadata, sealed, 990 deep (the parser takes it; re-encoding it for the seal did not).
+    export = tmp_path / "m.stablehlo"
+    model.export(export)
+    raw = export.read_bytes()
+    end = raw.index(b"\n", len(MAGIC))
+    meta = atomic.strict_json(raw[len(MAGIC):end], "meta")
+    meta.pop("metadata_sha256")
+    text = canonical(meta)[:-1] + b',"x":' + b"[" * 990 + b"]" * 990 + b"}"
+    export.write_bytes(MAGIC + text + b"\n" + raw[end + 1:])
+    with pytest.raises(ExportFileError, match="nested more than 32 levels deep"):
+        load_exported(export)
+    # An evaluate's kept category result.
+    from tests import dataset_trees
+
+    root = dataset_trees.make_mvtec(str(tmp_path / "mvtec"))
+    out = tmp_path / "eval"
+    OutputDir.claim(out, "evaluate").write_text(os.path.join("categories", "bottle.json"), '{"x": ' + deep + "}")
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--dataset", "mvtec", "--root", root, "--out", str(out), "--categories", "bottle",
+                     "--backbone", "resnet18", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bottle.json: corrupt category result" in err and "nested more than" in err, err
+
+
+def test_an_evaluate_folder_in_use_is_refused_naming_the_run(tmp_path, capsys):
+    from tests import dataset_trees
+
+    root = dataset_trees.make_mvtec(str(tmp_path / "mvtec"))
+    out = tmp_path / "eval"
+    holder = _hold(out, "evaluate")
+    try:
+        assert cli.main(["evaluate", "--dataset", "mvtec", "--root", root, "--out", str(out), "--quiet"]) == 2
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"in use by 'patchcore-jax evaluate' (pid {holder.pid}" in err, err

@@ -1,19 +1,26 @@
 """The `patchcore-jax` command line: the only place that parses arguments or prints.
 
 Every argument and output location is validated before any work starts. Exit codes: 0 success; 2 bad
-usage or bad input (one line naming the path or value given); 1 an unexpected failure (one line;
-`--debug`, accepted in any position, shows the traceback); 3 done, but `predict --skip-unreadable`
-skipped files (each named); 130 interrupted.
+usage or bad input, or a full disk (one line naming the path or value given); 1 an unexpected failure
+(one line; `--debug`, accepted in any position, shows the traceback); 3 done, but `predict
+--skip-unreadable` skipped files (each named); 130 interrupted (SIGINT, Ctrl-C), 143 terminated
+(SIGTERM), each after its cleanup (see `app.signals`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
-from patchcore_jax._src.app import commands
-from patchcore_jax._src.app.console import UsageError, add_model_options, say, use_compilation_cache, version
+from patchcore_jax._src.app import signals
+from patchcore_jax._src.app.console import (
+    UsageError, add_model_options, close_progress_bars, say, use_compilation_cache, version,
+)
 
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: exit 2, naming the file
 
 
 # -- the parser -----------------------------------------------------------------------------------------
@@ -47,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-defect", type=int, default=24, help="defective test images (default 24)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data (default 0)")
     add_model_options(p)
-    p.set_defaults(func=commands.cmd_demo)
+    p.set_defaults(func="cmd_demo")
 
     p = sub.add_parser("fit", parents=[common], help="build a model from a folder of defect-free images")
     p.add_argument("--train", required=True, help="folder (searched recursively) or image of defect-free images")
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-rule", choices=("published", "half"), default="published",
                    help="validation masks after resizing: published (only 255 counts) or half (>= 128)")
     add_model_options(p)
-    p.set_defaults(func=commands.cmd_fit)
+    p.set_defaults(func="cmd_fit")
 
     p = sub.add_parser("predict", parents=[common], help="score images with a fitted model")
     p.add_argument("--model", required=True, help="model folder written by fit")
@@ -84,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="score the readable images and skip the others (each named on stderr and in run.json; exit "
                         "status 3); without it, an unreadable image stops the run before any work")
-    p.set_defaults(func=commands.cmd_predict)
+    p.set_defaults(func="cmd_predict")
 
     p = sub.add_parser("evaluate", parents=[common], help="fit and evaluate per category on MVTec AD, MTD or mSTC",
                        description="Runs the paper's protocol on a data set folder you provide (nothing is downloaded) "
@@ -105,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground-truth pixels after resizing: published (only full 255 counts, as the published "
                         "code; default) or half (>= 128)")
     add_model_options(p)
-    p.set_defaults(func=commands.cmd_evaluate)
+    p.set_defaults(func="cmd_evaluate")
 
     p = sub.add_parser("sweep", parents=[common], help="evaluate a grid of settings over seeds, features extracted once",
                        description="Runs evaluate's protocol for every cell of a grid of settings and every seed, "
@@ -132,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-weights", parents=[common], help="convert a .pth state dict to .safetensors (needs torch once)")
     p.add_argument("input", help="torchvision/timm .pth state dict")
     p.add_argument("output", help="destination .safetensors (must not exist)")
-    p.set_defaults(func=commands.cmd_convert_weights)
+    p.set_defaults(func="cmd_convert_weights")
 
     p = sub.add_parser("export", parents=[common], help="write a fitted model as one StableHLO or ONNX program",
                        description="Writes the model folder MODEL as one self-contained program (backbone weights, "
@@ -145,29 +152,60 @@ def build_parser() -> argparse.ArgumentParser:
                         "pip install 'patchcore-jax[export]')")
     p.add_argument("--out", required=True, help="the file to write (must not exist)")
     p.add_argument("--batch", type=int, help="fix the batch size (default: any batch)")
-    p.set_defaults(func=commands.cmd_export)
+    p.set_defaults(func="cmd_export")
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.debug = getattr(args, "debug", False)
-    args.quiet = getattr(args, "quiet", False)
-    args.no_compile_cache = getattr(args, "no_compile_cache", False)
+    """Runs one command; returns its exit status. Run as the program (`argv` None), an interrupted
+    command ends the process by its signal once its cleanup is done (`signals.end_process`)."""
+    command = ""
+    with signals.interruptible():  # first: a Ctrl-C while the libraries load is one line too
+        try:
+            args = build_parser().parse_args(argv)
+            command = f" {args.command}"
+            args.debug = getattr(args, "debug", False)
+            args.quiet = getattr(args, "quiet", False)
+            args.no_compile_cache = getattr(args, "no_compile_cache", False)
+            return run(args)
+        except KeyboardInterrupt as err:
+            status = err.exit_status if isinstance(err, signals.Interrupted) else 130
+            name = err.name if isinstance(err, signals.Interrupted) else "SIGINT"
+            say(f"patchcore-jax{command}: {'terminated' if status == 143 else 'interrupted'} ({name}); "
+                "stopped before the end, temporary files removed", sys.stderr)
+            if argv is None:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                signals.end_process(status - 128)
+            return status
+
+
+def run(args) -> int:
+    """Runs the command `args.func` names (a function of `commands`); its failures become one line and an
+    exit status (see the module docstring)."""
     try:
         if args.command != "convert-weights":
             use_compilation_cache(not args.no_compile_cache)
-        return args.func(args)
+        from patchcore_jax._src.app import commands  # the libraries load here, after `main` took the signals
+
+        return getattr(commands, args.func)(args)
     except (UsageError, ValueError, FileNotFoundError) as err:
         if args.debug:
             raise
         message = str(err).replace("\n", " ")
         say(f"patchcore-jax {args.command}: error: {message}", sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        say("interrupted", sys.stderr)
-        return 130
+    except OSError as err:
+        if args.debug:
+            raise
+        if err.errno not in FULL:
+            say(f"patchcore-jax {args.command}: unexpected failure: {type(err).__name__}: {err} (rerun with --debug)",
+                sys.stderr)
+            return 1
+        where = f" writing {err.filename}" if err.filename else ""
+        say(f"patchcore-jax {args.command}: error: {err.strerror}{where}; free some space there (or write elsewhere: "
+            "--out; $TMPDIR for fit's temporary bank) and run it again", sys.stderr)
+        return 2
     except Exception as err:  # one line for users; --debug for the traceback
         if args.debug:
             raise
@@ -175,6 +213,8 @@ def main(argv=None) -> int:
         say(f"patchcore-jax {args.command}: unexpected failure: {type(err).__name__}: {message} (rerun with --debug)",
              sys.stderr)
         return 1
+    finally:
+        close_progress_bars()  # a last message starts on a line of its own
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -11,7 +10,7 @@ import warnings
 import numpy as np
 
 from patchcore_jax._src.app.console import (
-    UsageError, check_bank_size, config_from_args, configs_from_args, list_checked, new_model,
+    UsageError, check_bank_size, check_memory, config_from_args, configs_from_args, list_checked, new_model,
     plural, progress_for, random_backbone_note, say,
 )
 
@@ -32,6 +31,7 @@ def cmd_demo(args) -> int:
     OutputDir.check(args.out, "demo")
     model = new_model(cfg, quiet=args.quiet)
     check_bank_size(model, max(1, args.train - args.train // 5))
+    check_memory(model, args.train)
     out = OutputDir.claim(args.out, "demo")
     say(f"patchcore-jax demo: synthetic defects (scratch, spot, missing piece, colour change), backbone {cfg.backbone}, "
          f"coreset {cfg.coreset_fraction:.0%}, Eq. 7 with b={cfg.num_neighbors}")
@@ -135,6 +135,7 @@ def cmd_fit(args) -> int:
     validation = _validation_set(args.validation, cfg, exclude=[out_abs]) if args.validation else None
     model = new_model(cfgs, quiet=args.quiet)
     check_bank_size(model, len(paths))
+    check_memory(model, len(paths))
     if any(c.weights is None for c in cfgs):
         say(random_backbone_note(cfgs), sys.stderr)
     if held or validation is not None or args.held_out == 0:
@@ -207,9 +208,7 @@ def cmd_predict(args) -> int:
     names = records.output_names(paths)
     scale = model.color_scale()
     above = 0
-    with out.open_stream("scores.csv") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "score", "normalized_score", "anomalous", "heatmap"])
+    with out.open_rows("scores.csv", ["path", "score", "normalized_score", "anomalous", "heatmap"]) as table:
         for pred, path, rel in zip(model.predict_iter(paths), paths, names):
             amap, image = pred.anomaly_map, pred.crop
             if args.full_frame:
@@ -219,8 +218,8 @@ def cmd_predict(args) -> int:
             above += label == 1
             norm = model.normalized_scores([pred.score])
             heatmap = None if args.no_heatmaps else os.path.join("heatmaps", rel + ".png")
-            writer.writerow([csv_text(display(path)), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
-                             "" if heatmap is None else csv_text(display(heatmap))])
+            # An image's files first, its row after them: a run stopped in between (Ctrl-C, a full
+            # disk) never leaves a row that points at a file not written.
             if heatmap is not None:
                 out.write(heatmap, lambda tmp, p=pred, a=amap, im=image, n=display(path), d=decision:
                           visualize.draw_panel(tmp, image=im, amap=a, scale=scale, score=p.score,
@@ -230,6 +229,8 @@ def cmd_predict(args) -> int:
             if args.save_masks:
                 out.write(os.path.join("masks", rel + ".png"),
                           lambda tmp, m=decision.region: visualize.save_mask_png(tmp, m))
+            table.write([csv_text(display(path)), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
+                             "" if heatmap is None else csv_text(display(heatmap))])
     written = [w for w, on in (("heatmaps", not args.no_heatmaps), ("maps", args.save_maps), ("masks", args.save_masks)) if on]
     counts = {"images": len(paths) + len(skipped or []), "scored": len(paths), "skipped": len(skipped or []),
               "anomalous": None if model.threshold is None else int(above)}

@@ -224,6 +224,7 @@ class ProgressBars:
         self.every = every
         self.bars = {}
         self.lines = {}  # stage -> (time of the last line, last done)
+        OPEN_BARS.append(self)
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         stream = self.stream or sys.stderr
@@ -258,6 +259,16 @@ class ProgressBars:
             bar.close()
         self.bars.clear()
         self.lines.clear()
+
+
+OPEN_BARS: list[ProgressBars] = []
+
+
+def close_progress_bars() -> None:
+    """Closes every progress bar drawn so far (before a last message, e.g. on Ctrl-C), so the message
+    starts on a line of its own."""
+    while OPEN_BARS:
+        OPEN_BARS.pop().close()
 
 
 def progress_for(quiet: bool):
@@ -303,3 +314,56 @@ def check_bank_size(model, num_images: int) -> None:
         option = "--neighbors" if cfg.num_neighbors >= cfg.anomaly_scorer_num_nn else "--anomaly-scorer-num-nn"
         raise UsageError(f"{option} {cfg.bank_rows_needed}: {num_images} training images give a memory bank "
                          f"of {size} rows; use at most {size}, more images, or a larger --coreset")
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: /proc/meminfo's MemAvailable (free pages where it is
+    missing), capped by a cgroup's limit (a container); None where neither is known."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                found.append(int(f.read().strip()) - int(g.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+def check_memory(model, num_images: int, available: int | None = None) -> None:
+    """Refuses (UsageError, one line) settings whose fit needs more memory than the machine has
+    (`Executor.memory_estimate`), before any work, with the estimate and what to change."""
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    members = getattr(model, "members", [model])
+    parts = [m.executor.memory_estimate(num_images) for m in members]
+    activations = max(p["activations"] for p in parts)  # members run one after another
+    bank = sum(p["bank"] for p in parts)
+    if activations + bank <= available:
+        return
+    cfg = model.config
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    per_image = activations / cfg.batch_size
+    fits = int((available - bank) // per_image) if available > bank else 0
+    if bank > available / 2:
+        advice = "fit on fewer images, or lower --coreset or --projection-dim"
+    elif fits >= 1:
+        advice = f"use --batch-size {fits} or less"
+    else:
+        advice = "lower --crop"
+    raise UsageError(f"--crop {cfg.crop} --batch-size {cfg.batch_size}: a fit on {plural(num_images, 'image')} needs "
+                     f"about {gib(activations + bank)} ({gib(activations)} for the backbone on one batch, {gib(bank)} "
+                     f"for the memory bank), but {gib(available)} is available; {advice}")

@@ -32,9 +32,11 @@ from patchcore_jax._src.app import visualize
 from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax._src.io.data import datasets as datasets
 from patchcore_jax._src.model.images import display
+from patchcore_jax._src.io import atomic
 from patchcore_jax._src.io.outputs import OutputDir, csv_text
 
 SOURCES = ("folder", "tfds")
+MAX_CATEGORY_BYTES = 256 << 20  # a category result: its scores take ~100 bytes per test image
 
 
 def protocol_config(dataset: str, config: PatchCoreConfig, *, crop_given: bool = True) -> PatchCoreConfig:
@@ -173,8 +175,11 @@ def _read_previous(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CATEGORY_BYTES + 1)
+        if len(raw) > MAX_CATEGORY_BYTES:
+            raise ValueError(f"larger than {MAX_CATEGORY_BYTES >> 20} MiB")
+        data = atomic.strict_json(raw, "its content")
         if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
             raise ValueError("not a category result")
         for key in METRICS + ("n_train", "n_test", "n_anomalous", "bank_size", "image_threshold_f1",

@@ -21,11 +21,15 @@ NORMALIZED_SCORE = (
     "threshold + (threshold - median); not clipped, so below 0 and above 1 keep their order.")
 
 
+OUTPUT_SUFFIXES = (".png", ".npy")  # heatmaps/ and masks/ (.png), maps/ (.npy)
+
+
 def output_names(paths: list[str]) -> list[str]:
     """One output name per input, without its extension, mirroring the inputs' paths relative to their
     common folder (`a/b.png` -> `a/b`, so `heatmaps/a/b.png` and `maps/a/b.npy`). Inputs that would
-    share a name keep their suffix in it (`x.png` and `x.jpg` -> `x_png`, `x_jpg`); distinct inputs
-    always get distinct names."""
+    share a name keep their suffix in it (`x.png` and `x.jpg` -> `x_png`, `x_jpg`). Distinct inputs
+    always get distinct names, and no output file is named like a folder another output needs (`x.jpg`
+    beside a folder `x.png/`: `x-2`, since `heatmaps/x.png/` must be a folder)."""
     absolute = [os.path.abspath(p) for p in paths]
     base = os.path.commonpath(absolute) if len(set(absolute)) > 1 else os.path.dirname(absolute[0])
     if base in absolute:  # one file given twice
@@ -37,15 +41,27 @@ def output_names(paths: list[str]) -> list[str]:
         counts[s] = counts.get(s, 0) + 1
     names = [s if counts[s] == 1 else s + "_" + os.path.splitext(r)[1].lstrip(".")
              for s, r in zip(stems, rel)]
+    folders = {parent for name in names for parent in _parents(name)}
+
+    def free(name: str) -> bool:
+        return name not in taken and not any(name + suffix in folders for suffix in OUTPUT_SUFFIXES)
+
     taken: set[str] = set()
     out = []
-    for name, r in zip(names, rel):  # the rare leftovers (x.png beside x_png.png; one file given twice)
+    for name in names:  # the rare leftovers (x.png beside x_png.png; one file given twice; x.jpg beside x.png/)
         unique, i = name, 2
-        while unique in taken:
+        while not free(unique):
             unique, i = f"{name}-{i}", i + 1
         taken.add(unique)
         out.append(unique)
     return out
+
+
+def _parents(name: str):
+    parent = os.path.dirname(name)
+    while parent:
+        yield parent
+        parent = os.path.dirname(parent)
 
 
 def threshold_record(threshold) -> dict | None:

@@ -15,6 +15,15 @@ CMAP = "turbo"
 UNITS = "anomaly score (feature distance to the nearest nominal patch)"
 
 
+def plain(text: str) -> str:
+    """A file or category name as matplotlib draws it literally: control characters (a tab, ESC)
+    written as \\xNN (no missing-glyph warning) and `$` escaped (no math mode, whose parser fails on
+    names such as `$\\frac$.png`)."""
+    from patchcore_jax._src.app.console import printable
+
+    return printable(text).replace("$", r"\$")
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -109,7 +118,7 @@ def draw_panel(path, *, image: np.ndarray, amap: np.ndarray, scale: tuple[float,
     bar.ax.text(-0.3, mid, "pixel\nthreshold", transform=bar.ax.get_yaxis_transform(), ha="right", va="center",
                 fontsize=6)
     line, colour = verdict(score, image_threshold)
-    fig.suptitle(f"{line}\n{name}", fontsize=10, color=colour)
+    fig.suptitle(f"{line}\n{plain(name)}", fontsize=10, color=colour)
     fig.savefig(path, format=image_format)
 
 
@@ -140,13 +149,13 @@ def summary_figure(path, report: dict, rocs: dict) -> None:
         for x, v in zip(xs, values):
             if v is None:
                 bars.text(x, 0.02, "n/a", ha="center", va="bottom", rotation=90, fontsize=7)
-    bars.set_xticks(np.arange(len(cats)), cats, rotation=45, ha="right", fontsize=8)
+    bars.set_xticks(np.arange(len(cats)), [plain(c) for c in cats], rotation=45, ha="right", fontsize=8)
     bars.set_ylim(0.0, 1.05)
     bars.set_title(f"{report['dataset']}: mean image AUROC {_fmt(report['mean']['image_auroc'])}, pixel AUROC "
                    f"{_fmt(report['mean']['pixel_auroc'])}, AU-PRO {_fmt(report['mean']['au_pro'])}", fontsize=9)
     bars.legend(fontsize=7, loc="lower right")
     for name, (fpr, tpr) in rocs.items():
-        roc.plot(fpr, tpr, linewidth=1, label=name)
+        roc.plot(fpr, tpr, linewidth=1, label=plain(name))
     roc.plot([0, 1], [0, 1], color="gray", linewidth=0.5, linestyle="--")
     roc.set_xlabel("false positive rate", fontsize=8)
     roc.set_ylabel("true positive rate", fontsize=8)

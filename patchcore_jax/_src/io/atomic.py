@@ -4,10 +4,11 @@ what it writes.
 - `canonical_json`: the byte-exact JSON that seals are computed over (model manifests use the indented
   layout, export metadata the compact one; both sorted, ASCII, no NaN);
 - `sha256`, `file_sha256`: hex digests of bytes and of a file read in blocks;
-- `strict_json`: JSON that refuses NaN/Infinity and duplicate keys;
+- `strict_json`: JSON that refuses NaN/Infinity, duplicate keys and deep nesting (`nesting`);
 - `write_new`: create a file that must not exist yet, atomically (temporary sibling, fsync, link);
 - `replace_file`: write a file's new content through a temporary sibling and one rename;
 - `write_in`: create one file in a folder opened as a descriptor, fsynced;
+- `naming`: OSErrors (a full disk) raised again naming the file being written;
 - `fsync_dir`, `umask`, `exchange` (Linux `renameat2(RENAME_EXCHANGE)`), `lock` (`flock`).
 """
 
@@ -19,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any, Callable
 
@@ -48,8 +50,31 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+MAX_DEPTH = 32  # this library's files nest 5 levels at most
+_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def nesting(data: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep the arrays and objects of JSON text nest (brackets inside strings do not count),
+    counted without parsing and up to `limit + 1`: a file nested 100,000 deep costs one scan, not a
+    RecursionError in the parser or in any code that walks the result."""
+    depth = deepest = 0
+    for m in _TOKENS.finditer(data):
+        token = m.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
 def strict_json(data: bytes, where: str, error: type[Exception] = ValueError) -> Any:
-    """Parses UTF-8 JSON, refusing NaN/Infinity and duplicate keys; `error(f"{where}: ...")` otherwise."""
+    """Parses UTF-8 JSON, refusing NaN/Infinity, duplicate keys and nesting deeper than `MAX_DEPTH`;
+    `error(f"{where}: ...")` otherwise."""
     def no_constants(name):
         raise ValueError(f"{name} is not allowed")
 
@@ -59,6 +84,8 @@ def strict_json(data: bytes, where: str, error: type[Exception] = ValueError) ->
             raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
         return dict(pairs)
 
+    if nesting(data) > MAX_DEPTH:
+        raise error(f"{where}: not valid JSON (nested more than {MAX_DEPTH} levels deep)")
     try:
         return json.loads(data.decode("utf-8"), parse_constant=no_constants, object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -134,12 +161,25 @@ def replace_file(target: str, writer: Callable[[str], None]) -> str:
     is then renamed over `target` (readers see the old or the new file, never a part)."""
     tmp = target + TMP_SUFFIX
     try:
-        writer(tmp)
-        os.replace(tmp, target)
+        with naming(target):
+            writer(tmp)
+            os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
     return target
+
+
+@contextlib.contextmanager
+def naming(path: str):
+    """Within the block, an OSError that names no file (a full disk met inside a library's writer,
+    e.g. "[Errno 28] No space left on device") is raised again naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or not err.errno:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), display(path)) from None
 
 
 _RENAME_EXCHANGE = 2

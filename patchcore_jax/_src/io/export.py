@@ -45,7 +45,6 @@ a complete export of this library, and returns an `ExportedModel` that runs it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Callable
 
@@ -104,7 +103,7 @@ def check_destination(path) -> str:
 def _is_model_folder(folder: str) -> bool:
     try:
         with open(os.path.join(folder, model_files.MANIFEST), "rb") as f:
-            return json.loads(f.read(1 << 20)).get("format") == model_files.FORMAT
+            return atomic.strict_json(f.read(1 << 20), "manifest").get("format") == model_files.FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

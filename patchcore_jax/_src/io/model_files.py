@@ -27,12 +27,13 @@ Writing (`save_model`):
   renamed aside first, and the next save or load moves a complete model back if that was interrupted.
 - Leftover siblings of an interrupted save (not locked by a live writer) are deleted by the next save or
   load of the same path; an interrupted replace is recovered. Folders and files follow the umask.
+- Across processes, a load yields the old or the new model: its files are read through one descriptor
+  of one folder, and a folder replaced meanwhile is read anew; a writer holds its folders locked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import stat
@@ -52,6 +53,7 @@ from patchcore_jax._src.version import __version__
 from patchcore_jax._src.model.images import display
 
 MAX_JSON_BYTES = 1 << 20
+READ_ATTEMPTS = 20  # reads of a folder replaced meanwhile by another process's save, each time anew
 
 
 def _tree(folder: str) -> set[str] | None:
@@ -161,13 +163,13 @@ def read_model_files(path) -> dict:
     path = os.path.abspath(os.fsdecode(path))
     with contextlib.suppress(OSError):  # a read-only location still loads
         _tidy(path)
-    for attempt in range(2):
+    for attempt in range(READ_ATTEMPTS):
         before = _inode(path)
         try:
             contents = _read_verified(path)
             break
         except ModelFileError:
-            if attempt == 0 and _inode(path) != before:
+            if attempt + 1 < READ_ATTEMPTS and _inode(path) != before:
                 continue  # replaced by a concurrent save while it was read: read the new one
             raise
     join = lambda name: display(os.path.join(path, name))  # noqa: E731
@@ -243,7 +245,7 @@ def check_target(path) -> None:
                          "refusing to write into it")
     try:
         with open(os.path.join(path, MANIFEST), "rb") as f:
-            manifest = json.loads(f.read(MAX_JSON_BYTES).decode("utf-8"))
+            manifest = atomic.strict_json(f.read(MAX_JSON_BYTES), "manifest")
         ours = isinstance(manifest, dict) and manifest.get("format") == FORMAT
     except (OSError, ValueError):
         ours = False
@@ -326,6 +328,28 @@ def _model_files(value: Fitted | FittedEnsemble) -> dict[str, bytes]:
     }
 
 
+def _locked_folder(path: str) -> tuple[str, int]:
+    """A new empty sibling `.NAME.tmp-XXXX` of `path`, locked by this process: `(folder, descriptor)`.
+    A reader's `_tidy` may remove such a folder in the instant after it is created and before it is
+    locked (it is then empty and unlocked, like a crashed save's); the lock is therefore checked to
+    hold the folder that is still there, and another is made if not."""
+    parent, base = os.path.split(path)
+    for _ in range(100):
+        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        atomic.lock(fd, block=True)
+        held = os.fstat(fd)
+        with contextlib.suppress(OSError):
+            now = os.stat(tmp, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return tmp, fd
+        os.close(fd)
+    raise OSError(f"{display(path)}: could not create a temporary folder beside it")
+
+
 def save_model(value: Fitted | FittedEnsemble, path) -> None:
     """Writes a fitted model or ensemble to the folder `path` (see the module docstring)."""
     path = os.path.abspath(os.fsdecode(path))
@@ -335,14 +359,13 @@ def save_model(value: Fitted | FittedEnsemble, path) -> None:
     _tidy(path)
     files = _model_files(value)
     files[MANIFEST] = manifest_bytes(files)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    fd = os.open(tmp, os.O_RDONLY)
+    tmp, fd = _locked_folder(path)
     try:
-        atomic.lock(fd, block=True)
         os.chmod(tmp, 0o777 & ~atomic.umask())
         _step("created")
         for name in sorted(files, key=lambda n: n == MANIFEST):  # the manifest last
-            atomic.write_in(fd, name, files[name])
+            with atomic.naming(os.path.join(path, name)):  # a full disk names the file
+                atomic.write_in(fd, name, files[name])
             _step(f"wrote {name}")
         atomic.fsync_dir(tmp)
         if os.path.isdir(path) and not os.path.islink(path) and os.listdir(path):
@@ -350,11 +373,19 @@ def save_model(value: Fitted | FittedEnsemble, path) -> None:
             if exchange(tmp, path):
                 _step("exchanged")
             else:
-                os.rename(path, tmp + "-old")  # no exchange here: a short window, recovered by _tidy
-                _step("moved aside")
-                os.rename(tmp, path)
-                _step("renamed")
-                shutil.rmtree(tmp + "-old", ignore_errors=True)
+                # No exchange here: a short window without the path, recovered by _tidy if the save
+                # dies in it. The old folder stays locked by this save while it is aside, so that no
+                # reader's _tidy moves it back meanwhile.
+                old_fd = os.open(path, os.O_RDONLY)
+                try:
+                    atomic.lock(old_fd, block=True)
+                    os.rename(path, tmp + "-old")
+                    _step("moved aside")
+                    os.rename(tmp, path)
+                    _step("renamed")
+                    shutil.rmtree(tmp + "-old", ignore_errors=True)
+                finally:
+                    os.close(old_fd)
         else:
             os.rename(tmp, path)  # onto a new path or an empty folder: atomic
             _step("renamed")

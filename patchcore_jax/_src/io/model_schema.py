@@ -188,8 +188,9 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, dict]:
         raise ModelFileError(f"{where}: its content does not match its own checksum (modified or damaged)")
     files = manifest["files"]
     if not isinstance(files, dict) or set(files) != layout(files) or set(files) == {ENSEMBLE}:
+        shown = repr(sorted(files) if isinstance(files, dict) else files)
         raise ModelFileError(f"{where}: expected the entries of a model ({list(FILES)}) or of an ensemble, got "
-                             f"{sorted(files) if isinstance(files, dict) else files!r}")
+                             + (shown if len(shown) <= 200 else shown[:200] + "..."))
     for name, entry in files.items():
         if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not isinstance(entry["sha256"], str)
                 or isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int)):

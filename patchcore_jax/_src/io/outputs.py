@@ -9,7 +9,7 @@ before the file is created, so even a killed run leaves a complete record of wha
   removed (unless `keep=True`, for resumable commands), so no stale result survives beside new ones;
   files the user put there are left alone.
 - Files are written atomically (a temporary sibling, then a rename) unless streamed on purpose
-  (`open_stream`, e.g. `scores.csv`, whose rows appear as they are computed).
+  (`open_rows`, e.g. `scores.csv`, whose rows appear whole as they are computed).
 - One run at a time: `claim` locks the folder (`flock`) before it reads or removes anything, and the
   process holds the lock until it ends. A second run into a folder in use is refused at once, naming
   the run that holds it (from the marker: command, pid, start); a run that died released its lock
@@ -20,6 +20,8 @@ before the file is created, so even a killed run leaves a complete record of wha
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import time
@@ -125,10 +127,48 @@ class OutputDir:
     def write_json(self, rel: str, data) -> str:
         return self.write_text(rel, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
-    def open_stream(self, rel: str, *, newline: str = ""):
-        """A text file written as the work goes (line-buffered), e.g. `scores.csv`."""
-        target = self._record(rel)
-        return open(target, "w", encoding="utf-8", newline=newline, buffering=1)
+    def open_rows(self, rel: str, header: list) -> "RowFile":
+        """A CSV file written a row at a time as the work goes (e.g. `scores.csv`); see `RowFile`."""
+        rows = RowFile(self._record(rel))
+        rows.write(header)
+        return rows
+
+
+class RowFile:
+    """A CSV file whose rows appear whole or not at all: each row is one write of its encoded bytes;
+    one cut short (a full disk, a signal) is cut off again, so the file always ends after a complete
+    row. Errors name the file. A context manager (closes the file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+
+    def write(self, cells: list) -> None:
+        text = io.StringIO()
+        csv.writer(text).writerow(cells)
+        data = text.getvalue().encode("utf-8")
+        start = os.lseek(self._fd, 0, os.SEEK_CUR)
+        try:
+            with atomic.naming(self.path):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+                os.lseek(self._fd, start, os.SEEK_SET)
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RowFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # Folders this process holds: a lock (`flock` on the folder itself) per folder, taken by `claim`
@@ -155,7 +195,7 @@ def _hold(path: str) -> None:
 def _head(path: str) -> dict | None:
     try:
         with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-            head = json.loads(f.readline())
+            head = atomic.strict_json(f.readline(1 << 16).encode("utf-8"), "marker")
     except (OSError, ValueError):
         return None
     return head if isinstance(head, dict) else None
@@ -174,7 +214,7 @@ def _recorded(path: str) -> list[str]:
         next(f, None)
         for line in f:
             with contextlib.suppress(ValueError):
-                rel = json.loads(line)
+                rel = atomic.strict_json(line.encode("utf-8"), "marker")
                 if isinstance(rel, str):
                     out.append(rel)
     return out

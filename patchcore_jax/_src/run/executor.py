@@ -73,6 +73,24 @@ class Executor:
         out = jax.eval_shape(self.embed_fn, self.state, crops)
         return int(out.shape[1]), int(out.shape[2])
 
+    def memory_estimate(self, num_images: int) -> dict[str, int]:
+        """Bytes a fit on `num_images` images needs at its peak, estimated from shapes alone (nothing
+        is compiled or run): `activations`, the backbone's working memory for one batch (a trace of
+        one image: 3 times its largest intermediate array -- a layer's input, its output and a
+        residual -- times `batch_size`), and `bank`, the patches held while the bank is built (the
+        streaming builder's projected rows and the coreset's vectors; every full row without a
+        projection or on a mesh) and the bank itself."""
+        cfg = self.config
+        crops = jax.ShapeDtypeStruct((1, cfg.crop, cfg.crop, 3), jnp.uint8)
+        largest = max(_largest_value(jax.make_jaxpr(self.embed_fn)(self.state, crops).jaxpr), 1)
+        h, w = self.feature_grid
+        n = num_images * h * w
+        m = coreset.coreset_size(n, cfg.coreset_fraction)
+        streaming = self.mesh is None and cfg.projection_dim > 0 and cfg.coreset_fraction < 1.0
+        held = n * (cfg.projection_dim * np.dtype(cfg.coreset_dtype).itemsize + 3 * 4) if streaming \
+            else 2 * n * cfg.target_dim * 4
+        return {"activations": 3 * largest * cfg.batch_size, "bank": held + m * cfg.target_dim * 4}
+
     def search_kind(self) -> str:
         """The index searched here: `config.search`, "auto" resolved by the backend (a mesh always
         searches by sharded brute force)."""
@@ -331,6 +349,22 @@ class Executor:
                 "scores: the device returned NaN or infinite scores; the features overflow float32 or are NaN "
                 f"(backbone weights: {cfg.weights or 'random initialisation'})")
         return np.asarray(scores, np.float32), np.asarray(host_maps, np.float32)
+
+
+def _largest_value(jaxpr) -> int:
+    """Bytes of the largest array a jaxpr computes, nested jaxprs (jit, scan, ...) included."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            aval = getattr(v, "aval", None)
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                largest = max(largest, int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    largest = max(largest, _largest_value(inner))
+    return largest
 
 
 def gather(chunks) -> np.ndarray | None:

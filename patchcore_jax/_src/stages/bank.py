@@ -121,11 +121,16 @@ def build_memory_bank(
                 raise ValueError(f"{name}: expected shape (n, {dim}) to match projection ({dim}, {width}), got {(n_i, d_i)}")
             host = np.asarray(batch, np.float32)
             path = os.path.join(spill, f"{i:08d}.npy")
-            np.save(path, host)
             psi = np.asarray(jax.device_get(_project(jax.device_put(host), projection)))
+            try:
+                np.save(path, host)
+                np.ascontiguousarray(psi, np.float32).tofile(projected)
+            except OSError as err:  # a full disk: name the spill folder, which the user can move ($TMPDIR)
+                if err.filename is not None or not err.errno:
+                    raise
+                raise OSError(err.errno, err.strerror, path) from None
             del host
             col_sum += psi.sum(axis=0, dtype=np.float64)
-            np.ascontiguousarray(psi, np.float32).tofile(projected)
             del psi
             files.append(path)
             counts.append(n_i)
