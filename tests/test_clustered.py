@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 import patchcore_jax
 import reference
 from patchcore_jax._src.stages.search import clustered
+from patchcore_jax._src.stages.search import common as search_common
 from tests.helpers import assert_close, gaussian, x64
 
 _jit_search = jax.jit(patchcore_jax.search, static_argnames=("k", "query_block"))
@@ -122,16 +123,16 @@ def test_host_threads_give_the_same_results_as_one_call(parts, num, k, seed):
     index = patchcore_jax.build_clustered_index(bank, leaf_size=16, seed=seed)
     one = patchcore_jax.search(index, queries, k)
     used = []
-    real_in_parts = clustered.in_parts
+    real_in_parts = search_common.in_parts
 
     def spy(fn, n, *arrays):
         used.append(n)
         return real_in_parts(fn, n, *arrays)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(clustered, "_MIN_PART", 1)
-        mp.setattr(clustered, "_cores", lambda: parts)
-        mp.setattr(clustered, "in_parts", spy)
+        mp.setattr(search_common, "MIN_PART", 1)
+        mp.setattr(search_common, "cpu_cores", lambda: parts)
+        mp.setattr(search_common, "in_parts", spy)
         split = patchcore_jax.search(index, queries, k)
     assert used == [parts]
     traced = _jit_search(index, queries, k=k)
