@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from patchcore_jax._src.stages import checks
 from patchcore_jax._src.stages.search import brute
+from patchcore_jax._src.stages.search import common as search_common
 from patchcore_jax._src.stages.search import index as index_lib
 
 
@@ -78,7 +79,7 @@ def image_scores_unchecked(index, patch_features, *, num_neighbors, query_block)
 
 
 def image_scores_from_index(
-    index, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = 256
+    index, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = search_common.QUERY_BLOCK
 ) -> tuple[jax.Array, jax.Array]:
     """`image_scores` on a bank prepared once (the model's path): a `BankIndex` from
     `build_index` (brute force) or a `ClusteredIndex` from `build_clustered_index` (prunes;
