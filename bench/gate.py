@@ -77,6 +77,12 @@ def measure(tree: str, mode: dict, work: str, tag: str, *, outputs: bool) -> dic
            "--min-time", str(mode["min_time"]), "--out", out] + (["--outputs", npz] if outputs else ["--no-memory"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = tree
+    # glibc adapts its mmap threshold as a process frees large blocks, so one process maps (and
+    # page-faults) a stage's output on every call and the next reuses heap pages: the same code then
+    # ran anomaly_maps at 0.6 or 1.2 ms by process. A fixed threshold (the largest glibc takes) and no
+    # trimming measure the arithmetic, for both revisions alike.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**30))
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(out):
         raise RuntimeError(f"the measuring process for {tree} failed:\n{proc.stderr[-3000:]}")
@@ -313,7 +319,7 @@ def main(argv=None) -> int:
             print("SLOWER beyond the threshold: " + ", ".join(slower))
         status = 1 if (slower or drifted or failed) else 0
         print("gate: " + ("FAIL" if status else "pass") + f" ({time.perf_counter() - start:.0f} s)")
-        report.update(base_env=base_env, rows=rows, drifted=drifted, slower=slower, failed=failed, status=status,
+        report.update(base_env=base_env, rows=rows, per_round={"base": base_rounds, "candidate": per_round(results["candidate"])}, drifted=drifted, slower=slower, failed=failed, status=status,
                       base=sha or args.baseline)
     if args.save is not None:
         record = baseline_record(results["candidate"], mode_name, _git("rev-parse", "HEAD"))
