@@ -235,7 +235,7 @@ def baseline_record(results: list[dict], mode_name: str, sha: str | None) -> dic
                         for k, s in ((k, _sample(v)) for k, v in results[0]["outputs"].items())}}
 
 
-def _comparable(stored: dict, env: dict, mode_name: str) -> str | None:
+def comparable(stored: dict, env: dict, mode_name: str) -> str | None:
     if stored["mode"] != mode_name:
         return f"the baseline was measured in {stored['mode']} mode, this run is {mode_name}"
     if stored["device"] != device_name(env) or stored["env"]["backend"] != env["backend"]:
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     status = 0
     if args.against or stored is not None:
         if stored is not None:
-            problem = _comparable(stored, cand_env, mode_name)
+            problem = comparable(stored, cand_env, mode_name)
             if problem:
                 print(f"gate: cannot compare with {args.baseline}: {problem}", file=sys.stderr)
                 return 2
