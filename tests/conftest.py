@@ -9,6 +9,32 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# One compilation cache on disk for the whole test run, shared with the worker processes and the CLI
+# subprocesses the tests start (they inherit the environment): a program compiled once (by another
+# module's model of the same configuration, after a module's caches are cleared, or in another process)
+# is read back instead of compiled again. A fresh folder per run, removed at exit, so one run's time
+# never depends on an earlier one; JAX_COMPILATION_CACHE_DIR, when set, names another instead.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    import atexit
+    import shutil
+    import tempfile
+
+    _run_cache = tempfile.mkdtemp(prefix="patchcore-jax-test-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _run_cache
+    os.environ["PATCHCORE_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+    atexit.register(lambda: os.environ.get("PATCHCORE_JAX_TEST_CACHE_OWNER") == str(os.getpid())
+                    and shutil.rmtree(_run_cache, ignore_errors=True))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # every program, however quick
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")  # and however small
+
+import jax  # noqa: E402
+
+# JAX reads the environment when it is imported, and a plugin may have imported it before this file.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

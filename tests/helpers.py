@@ -12,6 +12,29 @@ import os
 
 import jax
 import numpy as np
+from hypothesis import strategies as st
+
+# The hypothesis profile of this run, chosen as conftest.py chooses it.
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+
+
+def shape_buckets(**axes):
+    """A strategy of dicts, one value per axis, for the parameters the compiler specialises on (array
+    shapes, k, block sizes): each new combination costs a compilation, the other drawn values (seeds,
+    offsets, spreads) do not.
+
+    Under the `ci` profile the draws come from a few fixed combinations in which every value of every
+    axis appears (as many combinations as the longest axis has values, each axis shifted by its
+    position), so compiled programs are reused from one example to the next. The `dev` and `nightly`
+    profiles draw from the whole product, as before.
+    """
+    if PROFILE != "ci":
+        return st.fixed_dictionaries({name: st.sampled_from(values) for name, values in axes.items()})
+    width = max(len(values) for values in axes.values())
+    combos = [{name: values[(i + j) % len(values)] for j, (name, values) in enumerate(axes.items())}
+              for i in range(width)]
+    return st.sampled_from(combos)
+
 
 # dtype -> (rtol, atol relative to max(1, max |expected|))
 TOLERANCES = {

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import ast
-import os
 import pathlib
 import subprocess
 import sys

@@ -58,7 +58,7 @@ def test_fit_then_predict_through_folders(tmp_path):
     assert all(r["anomalous"] in ("0", "1") for r in rows)
     assert len(os.listdir(tmp_path / "pred" / "heatmaps")) == 5
     assert [r["path"] for r in rows] == [str(tmp_path / "test" / f"{i:03d}.png") for i in range(5)]
-    assert [r["heatmap"] for r in rows] == [f"heatmaps/{i:03d}.png.png" for i in range(5)]
+    assert [r["heatmap"] for r in rows] == [f"heatmaps/{i:03d}.png" for i in range(5)]  # no doubled extension
 
 
 def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path):
@@ -191,14 +191,16 @@ def test_predict_streams_mirrors_names_and_never_reads_its_own_output(project, t
             rows = list(csv.DictReader(f))
         names = [os.path.relpath(r["path"], src) for r in rows]
         assert names == ["a/b.png", "a_b.png", "caf\\xe9.png", "x.jpg", "x.png"]  # output not read back
-        assert sorted(r["heatmap"] for r in rows) == sorted(f"heatmaps/{n}.png" for n in names)
+        stems = ["a/b", "a_b", "caf\\xe9", "x_jpg", "x_png"]  # x.png and x.jpg keep their suffixes
+        assert sorted(r["heatmap"] for r in rows) == sorted(f"heatmaps/{n}.png" for n in stems)
     heatmaps = _tree(out / "heatmaps")
-    assert sorted(heatmaps) == ["a/b.png.png", "a_b.png.png", os.fsdecode(b"caf\xe9.png.png"), "x.jpg.png", "x.png.png"]
+    assert sorted(heatmaps) == ["a/b.png", "a_b.png", os.fsdecode(b"caf\xe9.png"), "x_jpg.png", "x_png.png"]
     # A rerun on fewer images leaves no stale heatmap of the earlier run, and keeps the user's own file.
     (out / "my-note.txt").write_text("mine")
     r = run("predict", "--model", str(project / "model"), str(src / "x.png"), "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert _tree(out) == sorted([".patchcore-jax-output.json", "heatmaps/x.png.png", "my-note.txt", "scores.csv"])
+    assert _tree(out) == sorted([".patchcore-jax-output.json", "heatmaps/x.png", "my-note.txt", "run.json",
+                                 "scores.csv"])
 
 
 KILLED_PREDICT = """

@@ -7,9 +7,8 @@ from hypothesis import given, strategies as st
 
 import patchcore_jax
 import reference
-from patchcore_jax._src.stages.search import clustered
-from patchcore_jax._src.stages.search import common as search_common
-from tests.helpers import assert_close, gaussian, x64
+from patchcore_jax._src.stages.search import clustered, common
+from tests.helpers import assert_close, gaussian, shape_buckets, x64
 
 _jit_search = jax.jit(patchcore_jax.search, static_argnames=("k", "query_block"))
 
@@ -25,9 +24,8 @@ def _mixture(seed, n, d, centres, spread, offset=0.0):
 def cases(draw):
     return dict(
         seed=draw(st.integers(0, 2**16)),
-        n=draw(st.sampled_from([40, 300])),
-        leaf=draw(st.sampled_from([4, 32])),  # 4: many leaves, most pruned; 32: few, most visited
-        k=draw(st.sampled_from([1, 4])),
+        # leaf 4: many leaves, most pruned; 32: few, most visited
+        **draw(shape_buckets(n=[40, 300], leaf=[4, 32], k=[1, 4])),
         centres=draw(st.sampled_from([1, 6])),
         spread=draw(st.sampled_from([0.3, 1.0])),
         offset=draw(st.sampled_from([0.0, 20.0])),
@@ -103,6 +101,49 @@ def test_arrays_round_trip_and_scores_match_brute_force():
         patchcore_jax.ClusteredIndex.from_arrays(dict(arrays, slots=arrays["slots"][:-1]))
 
 
+def _damaged(arrays, what):
+    a = {k: np.array(v) for k, v in arrays.items()}
+    real = np.flatnonzero(a["ids"] != np.iinfo(np.int32).max)
+    if what == "zeroed row":
+        a["rows"][real[3]] = 0.0
+        a["sq_norms"][real[3]] = 0.0
+    elif what == "slot out of range":
+        a["slots"][0] = len(a["ids"]) + 5
+    elif what == "swapped slots":
+        a["slots"][[0, 1]] = a["slots"][[1, 0]]
+    elif what == "id out of range":
+        a["ids"][real[0]] = a["size"] + 7
+    elif what == "scale":
+        a["log2_scale"] = np.asarray(1000, np.int32)
+    elif what == "scale by one":
+        a["log2_scale"] = np.asarray(int(a["log2_scale"]) + 1, np.int32)
+    elif what == "size a vector":
+        a["size"] = np.asarray([int(a["size"])] * 2)
+    elif what == "radius too small":
+        a["radii"][np.argmax(a["radii"])] *= 0.5
+    elif what == "NaN row":
+        a["rows"][real[0], 0] = np.nan
+    elif what == "centre moved":
+        a["centre"] = a["centre"] + 1.0
+    return a
+
+
+@pytest.mark.parametrize("what, match", [
+    ("zeroed row", "not the bank's"), ("slot out of range", "slots"), ("swapped slots", "inverse"),
+    ("id out of range", "ids"), ("scale", "log2_scale.*outside"), ("scale by one", "not the bank's"),
+    ("size a vector", "size.*integer scalar"), ("radius too small", "radii"), ("NaN row", "rows.*NaN"),
+    ("centre moved", "not the bank's"),
+])
+def test_an_index_that_does_not_describe_its_bank_is_refused(what, match):
+    """A saved index is checked against itself and against its bank when it is read back: every
+    damage that would change scores silently is refused, naming the array."""
+    bank = _mixture(4, 300, 8, 4, 1.0).astype(np.float32)
+    arrays = patchcore_jax.build_clustered_index(bank, leaf_size=16).to_arrays()
+    patchcore_jax.ClusteredIndex.from_arrays(dict(arrays), bank)  # the intact index passes
+    with pytest.raises(ValueError, match=match):
+        patchcore_jax.ClusteredIndex.from_arrays(_damaged(arrays, what), bank)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="leaf_size"):
         patchcore_jax.build_clustered_index(np.ones((4, 3)), leaf_size=0)
@@ -113,26 +154,26 @@ def test_bad_input():
         patchcore_jax.search(index, np.ones((2, 3)), 11)
 
 
-@given(parts=st.sampled_from([2, 3]), num=st.sampled_from([7, 40]), k=st.sampled_from([1, 3]),
-       seed=st.integers(0, 2**16))
-def test_host_threads_give_the_same_results_as_one_call(parts, num, k, seed):
+@given(shape=shape_buckets(parts=[2, 3], num=[7, 40], k=[1, 3]), seed=st.integers(0, 2**16))
+def test_host_threads_give_the_same_results_as_one_call(shape, seed):
     """On a CPU a large search is split over host threads (one per core); the parts together must
     equal one call bit for bit, and a search inside a trace (no threads) too."""
+    parts, num, k = shape["parts"], shape["num"], shape["k"]
     bank = _mixture(seed, 300, 16, 6, 0.5).astype(np.float32)
     queries = _mixture(seed + 1, num, 16, 6, 0.8).astype(np.float32)
     index = patchcore_jax.build_clustered_index(bank, leaf_size=16, seed=seed)
     one = patchcore_jax.search(index, queries, k)
     used = []
-    real_in_parts = search_common.in_parts
+    real_in_parts = common.in_parts
 
     def spy(fn, n, *arrays):
         used.append(n)
         return real_in_parts(fn, n, *arrays)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(search_common, "MIN_PART", 1)
-        mp.setattr(search_common, "cpu_cores", lambda: parts)
-        mp.setattr(search_common, "in_parts", spy)
+        mp.setattr(common, "MIN_PART", 1)
+        mp.setattr(common, "cpu_cores", lambda: parts)
+        mp.setattr(common, "in_parts", spy)
         split = patchcore_jax.search(index, queries, k)
     assert used == [parts]
     traced = _jit_search(index, queries, k=k)

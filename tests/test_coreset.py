@@ -6,7 +6,7 @@ from hypothesis.extra import numpy as hnp
 import patchcore_jax
 import reference
 from patchcore_jax._src.stages import coreset
-from tests.helpers import both_ways, gaussian, oracle, x64
+from tests.helpers import both_ways, gaussian, oracle, shape_buckets, x64
 
 
 def radius_after_each_step(bank, indices, projection=None):
@@ -24,18 +24,14 @@ def radius_after_each_step(bank, indices, projection=None):
 
 @st.composite
 def coreset_cases(draw):
-    n = draw(st.sampled_from([40, 97, 160]))
-    d = draw(st.sampled_from([3, 16]))
-    projected = draw(st.booleans())
+    # p None: no projection; block: blocks of the lazy loop (1024 = one block here)
+    shape = draw(shape_buckets(n=[40, 97, 160], d=[3, 16], p=[None, 2, 8], num_samples=[1, 10, 30],
+                               block=[7, 32, 1024]))
     return dict(
         seed=draw(st.integers(0, 2**16)),
-        n=n,
-        d=d,
-        p=draw(st.sampled_from([2, 8])) if projected else None,
-        num_samples=draw(st.sampled_from([1, 10, 30])),
-        starts=tuple(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=4))),
+        **shape,
+        starts=tuple(draw(st.lists(st.integers(0, shape["n"] - 1), min_size=1, max_size=4))),
         offset=draw(st.sampled_from([0.0, 10.0])),
-        block=draw(st.sampled_from([7, 32, 1024])),  # blocks of the lazy loop; 1024 = one block here
     )
 
 

@@ -198,6 +198,71 @@ def test_truncated_or_foreign_onnx_is_refused(onnx_file, tmp_path):
     _refused(tmp_path / "other.onnx", "no patchcore-jax metadata")
 
 
+def _resealed_stablehlo(data: bytes, change) -> bytes:
+    """The export with its metadata changed by `change(meta)` and sealed again, as a consistent but
+    wrong writer would."""
+    from patchcore_jax._src.io.export_format import canonical
+
+    end = data.index(b"\n", len(export.MAGIC))
+    meta = json.loads(data[len(export.MAGIC):end])
+    change(meta)
+    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    meta["metadata_sha256"] = atomic.sha256(canonical(body))
+    return export.MAGIC + canonical(meta) + data[end:]
+
+
+def test_lying_or_malformed_stablehlo_metadata_is_refused_in_one_line(stablehlo_file, tmp_path):
+    """Sealed metadata without its input, metadata nested 100,000 deep, and a file extended (sparse) to
+    8 GiB behind its header: each an ExportFileError naming the file, before the program is read."""
+    import resource
+
+    data = stablehlo_file[0].read_bytes()
+    (tmp_path / "no-input.stablehlo").write_bytes(_resealed_stablehlo(data, lambda m: m.pop("input")))
+    _refused(tmp_path / "no-input.stablehlo", "input shape")
+    deep = export.MAGIC + b"[" * 100_000 + b"]" * 100_000 + b"\n" + b"x"
+    (tmp_path / "deep.stablehlo").write_bytes(deep)
+    _refused(tmp_path / "deep.stablehlo", "nested too deeply")
+    big = tmp_path / "big.stablehlo"
+    big.write_bytes(data)
+    os.truncate(big, 8 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _refused(big, r"truncated or damaged: the program holds \d+ bytes, the export wrote")
+    onnx_named = tmp_path / "big.onnx"
+    onnx_named.write_bytes(b"\x08\x07")
+    os.truncate(onnx_named, 8 << 30)
+    _refused(onnx_named, "8589934592 bytes: not a patchcore-jax export")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB more
+
+
+@needs_onnx
+def test_onnx_that_reads_files_beside_it_is_refused(onnx_file, tmp_path, monkeypatch):
+    """An initializer moved to external data named like a file in the current folder, the metadata
+    sealed again: refused, and the file's bytes never reach an output."""
+    import onnx
+
+    from patchcore_jax._src.io.export_format import ONNX_METADATA_KEY, canonical
+
+    proto = onnx.load_from_string(onnx_file[0].read_bytes())
+    init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    secret = tmp_path / "passwd_copy"
+    secret.write_bytes(init.raw_data)
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "passwd_copy"), ("offset", "0"), ("length", str(secret.stat().st_size))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    props = {p.key: p for p in proto.metadata_props}
+    meta = json.loads(props[ONNX_METADATA_KEY].value)
+    meta["graph_sha256"] = atomic.sha256(proto.graph.SerializeToString(deterministic=True))
+    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    meta["metadata_sha256"] = atomic.sha256(canonical(body))
+    props[ONNX_METADATA_KEY].value = canonical(meta).decode()
+    crafted = tmp_path / "crafted.onnx"
+    crafted.write_bytes(proto.SerializeToString())
+    monkeypatch.chdir(tmp_path)
+    _refused(crafted, "refers to data outside the file \\(passwd_copy")
+
+
 # -- what export refuses, and what it never does ------------------------------------------------------------
 def test_export_checks_its_arguments_and_never_overwrites(fitted, tmp_path):
     model, _, _ = fitted

@@ -256,8 +256,8 @@ def test_a_scoring_thread_error_reaches_the_caller_and_the_thread_stays_usable(f
     import jax.numpy as jnp
 
     want, _ = fitted.predict(data["test"][:3])
-    real_embed = fitted.executor.embed
-    monkeypatch.setattr(fitted.executor, "embed", lambda crops: real_embed(crops) * jnp.nan)
+    real_embed = fitted.executor.embed_padded  # what launch embeds with (the batch padded to batch_size)
+    monkeypatch.setattr(fitted.executor, "embed_padded", lambda crops: real_embed(crops) * jnp.nan)
     with pytest.raises(ValueError, match="NaN or infinite scores"):
         fitted.predict(data["test"][:3])
     monkeypatch.undo()

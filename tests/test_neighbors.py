@@ -7,17 +7,14 @@ from hypothesis.extra import numpy as hnp
 import patchcore_jax
 import reference
 from patchcore_jax._src.stages.search import brute as neighbors
-from tests.helpers import assert_close, both_ways, gaussian, oracle, x64
+from tests.helpers import assert_close, both_ways, gaussian, oracle, shape_buckets, x64
 
 
 @st.composite
 def search_cases(draw):
     return dict(
         seed=draw(st.integers(0, 2**16)),
-        n=draw(st.sampled_from([5, 50, 700])),
-        q=draw(st.sampled_from([1, 30])),
-        d=draw(st.sampled_from([2, 24])),
-        k=draw(st.sampled_from([1, 3, 5])),
+        **draw(shape_buckets(n=[5, 50, 700], q=[1, 30], d=[2, 24], k=[1, 3, 5])),
         offset=draw(st.sampled_from([0.0, 20.0])),
     )
 

@@ -57,7 +57,7 @@ def _copy(saved, tmp_path, name="model"):
 def _reseal(path):
     """Recomputes the manifest after an edit, as a consistent but wrong writer would."""
     files = {n: (path / n).read_bytes() for n in persistence.FILES}
-    (path / persistence.MANIFEST).write_bytes(persistence._manifest(files))
+    (path / persistence.MANIFEST).write_bytes(persistence.manifest_bytes(files))
 
 
 def test_layout_and_round_trip(saved, data):
@@ -157,6 +157,43 @@ def test_fields_are_type_checked_even_under_a_valid_seal(saved, tmp_path, field,
     _reseal(path)
     with pytest.raises(ModelFileError, match=rf"config\.json: .*{match}"):
         persistence.read_model_files(path)
+
+
+def test_a_file_grown_behind_its_manifest_is_refused_before_it_is_read(saved, tmp_path):
+    """bank.safetensors extended (sparse) to 8 GiB: the size is compared with the manifest's record
+    before a byte is read, so the load fails at once, naming the file, with memory bounded."""
+    import resource
+
+    path = _copy(saved, tmp_path)
+    os.truncate(path / "bank.safetensors", 8 << 30)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFileError, match=r"bank\.safetensors: 8589934592 bytes where the manifest records \d+"):
+        persistence.read_model_files(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # KiB: under 1 GiB more
+
+
+def test_a_resealed_index_that_is_not_the_banks_is_refused(saved, tmp_path, capsys):
+    """index.safetensors with a zeroed row, re-sealed in the manifest: the load refuses it, naming the
+    file (the scores would otherwise change silently), and the command line exits 2 with one line."""
+    from safetensors.numpy import load_file, save_file
+
+    from patchcore_jax._src.app import cli
+
+    path = _copy(saved, tmp_path)
+    arrays = load_file(str(path / "index.safetensors"))
+    assert arrays, "the tiny model searches with a clustered index on a CPU"
+    real = np.flatnonzero(arrays["ids"] != np.iinfo(np.int32).max)
+    arrays["rows"][real[0]] = 0.0
+    arrays["sq_norms"][real[0]] = 0.0
+    save_file(arrays, str(path / "index.safetensors"))
+    _reseal(path)
+    with pytest.raises(ModelFileError, match=r"index\.safetensors: the stored rows are not the bank's"):
+        PatchCore.load(path)
+    images = tmp_path / "images"
+    images.mkdir()
+    assert cli.main(["predict", "--model", str(path), str(images), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "index.safetensors" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("field, value", [("seed", 1.0), ("resize", "64"), ("sigma", True), ("layers", "layer2"),

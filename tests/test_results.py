@@ -78,8 +78,9 @@ def test_calibration_fixes_thresholds_and_colours(calibrated, data, tmp_path):
     assert "held-out good" in calibrated.image_threshold.rule
     good = calibrated.calibration["good_images"]
     assert good["count"] == 3 and good["image_score_quantiles"]["1.0"] == pytest.approx(scores.max())
-    norm = calibrated.normalized_scores([good["image_score_quantiles"]["0.5"], calibrated.threshold, 1e9])
-    np.testing.assert_allclose(norm, [0.0, 0.5, 1.0])
+    median, t = good["image_score_quantiles"]["0.5"], calibrated.threshold
+    norm = calibrated.normalized_scores([median, t, 2 * t - median])
+    np.testing.assert_allclose(norm, [0.0, 0.5, 1.0])  # not clipped: see test_first_hour
     low, mid, high = calibrated.color_scale()
     assert mid == calibrated.pixel_threshold.value and high - mid == pytest.approx(mid - low)
     calibrated.save(tmp_path / "m")
@@ -139,14 +140,16 @@ def test_the_same_model_gives_the_same_colours_in_two_runs(calibrated, data, tmp
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         outs.append(out)
-    for rel in ("heatmaps/0.png.png", "heatmaps/2.png.png", "masks/1.png.png", "maps/1.png.npy"):
+    for rel in ("heatmaps/0.png", "heatmaps/2.png", "masks/1.png", "maps/1.npy"):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
     rows = list(csv.DictReader(open(outs[0] / "scores.csv")))
-    assert [r["anomalous"] for r in rows] and all(0.0 <= float(r["normalized_score"]) <= 1.0 for r in rows)
-    amap = np.load(outs[0] / "maps" / "1.png.npy")
-    mask = np.asarray(Image.open(outs[0] / "masks" / "1.png.png"))
+    assert [r["anomalous"] for r in rows] and all(np.isfinite(float(r["normalized_score"])) for r in rows)
+    amap = np.load(outs[0] / "maps" / "1.npy")
+    mask = np.asarray(Image.open(outs[0] / "masks" / "1.png"))
     assert amap.dtype == np.float32 and amap.shape == (64, 64)
-    np.testing.assert_array_equal(mask == 255, amap > calibrated.pixel_threshold.value)
+    # The one decision rule: the saved mask is the region `decide` gives (empty for an image judged fine).
+    np.testing.assert_array_equal(mask == 255, calibrated.decide(float(rows[1]["score"]), amap).region)
+    assert (mask == 255).any() == (rows[1]["anomalous"] == "1")
 
 
 # -- field of view ------------------------------------------------------------------------------------
@@ -274,8 +277,8 @@ def test_named_weights_download_once_from_a_local_hub(tmp_path, monkeypatch, dat
             self._headers()
 
         def do_GET(self):
-            gets.append(self.path)
-            if self._headers():
+            if self._headers():  # the weights file; other calls the Hub client may make are not downloads
+                gets.append(self.path)
                 self.wfile.write(served["body"])
 
         def log_message(self, *args):
@@ -294,6 +297,21 @@ def test_named_weights_download_once_from_a_local_hub(tmp_path, monkeypatch, dat
         assert open(path, "rb").read() == payload and len(gets) == 1
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         assert hub.resolve("timm/resnet18.tv_in1k") == path and len(gets) == 1  # from the cache
+        # A cache copied without links (cp -rL, zip, a Windows copy) still verifies against its blobs/;
+        # a damaged copy, or one without blobs/, is refused, naming the way out.
+        import shutil
+
+        copied = tmp_path / "copied"
+        shutil.copytree(tmp_path / "hub", copied, symlinks=False)
+        copied_file = copied / os.path.relpath(path, tmp_path / "hub")
+        assert not os.path.islink(copied_file)
+        hub.verify(str(copied_file), "r18")
+        copied_file.write_bytes(payload[:-1] + b"\1")
+        with pytest.raises(ValueError, match="match no sha256 recorded"):
+            hub.verify(str(copied_file), "r18")
+        shutil.rmtree(copied / "models--timm--resnet18.tv_in1k" / "blobs")
+        with pytest.raises(ValueError, match="pass the file itself as --weights FILE"):
+            hub.verify(str(copied_file), "r18")
         # A transfer that does not match the sha256 the Hub announced is refused, by name.
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub2"))
         monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -329,7 +347,7 @@ def test_fit_with_a_validation_set_and_predict_in_the_full_frame(tmp_path):
                         str(out), "--full-frame", "--save-maps", "--save-masks", "--quiet"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    amap = np.load(out / "maps" / "strip.png.npy")
+    amap = np.load(out / "maps" / "strip.npy")
     assert amap.shape == (60, 150) and np.isnan(amap[:, :20]).all() and np.isfinite(amap[5:55, 60:90]).all()
-    assert np.asarray(Image.open(out / "masks" / "strip.png.png")).shape == (60, 150)
-    assert Image.open(out / "heatmaps" / "strip.png.png").size[0] > 600
+    assert np.asarray(Image.open(out / "masks" / "strip.png")).shape == (60, 150)
+    assert Image.open(out / "heatmaps" / "strip.png").size[0] > 600

@@ -4,18 +4,14 @@ from hypothesis import given, strategies as st
 
 import patchcore_jax
 import reference
-from tests.helpers import assert_close, both_ways, gaussian, oracle, x64
+from tests.helpers import assert_close, both_ways, gaussian, oracle, shape_buckets, x64
 
 
 @st.composite
 def scoring_cases(draw):
     return dict(
         seed=draw(st.integers(0, 2**16)),
-        n=draw(st.sampled_from([12, 150])),
-        b=draw(st.sampled_from([1, 3])),
-        p=draw(st.sampled_from([4, 49])),
-        d=draw(st.sampled_from([3, 32])),
-        num_neighbors=draw(st.sampled_from([1, 2, 9])),
+        **draw(shape_buckets(n=[12, 150], b=[1, 3], p=[4, 49], d=[3, 32], num_neighbors=[1, 2, 9])),
         spread=draw(st.sampled_from([0.5, 1.0, 3.0])),
     )
 

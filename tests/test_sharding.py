@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import patchcore_jax as pj
 from patchcore_jax._src.run import sharding
-from tests.helpers import assert_close, gaussian, x64
+from tests.helpers import assert_close, gaussian, shape_buckets, x64
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
 
@@ -27,8 +27,8 @@ def mesh():
 
 @st.composite
 def cases(draw):
-    return dict(seed=draw(st.integers(0, 2**16)), n=draw(st.sampled_from([9, 64, 333])), d=draw(st.sampled_from([3, 16])),
-                projected=draw(st.booleans()), num=draw(st.sampled_from([1, 9])))
+    return dict(seed=draw(st.integers(0, 2**16)), **draw(shape_buckets(n=[9, 64, 333], d=[3, 16], num=[1, 9], k=[1, 4])),
+                projected=draw(st.booleans()))
 
 
 @given(c=cases())
@@ -51,11 +51,11 @@ def test_coreset_float32_equals_single_device(c, mesh):
     np.testing.assert_array_equal(got, want)
 
 
-@given(c=cases(), k=st.sampled_from([1, 4]))
-def test_search_and_scores_equal_single_device(c, k, mesh):
+@given(c=cases())
+def test_search_and_scores_equal_single_device(c, mesh):
     bank = gaussian(c["seed"], (c["n"], c["d"])).astype(np.float32)
     queries = gaussian(c["seed"] + 1, (11, c["d"])).astype(np.float32)
-    k = min(k, c["n"])
+    k = min(c["k"], c["n"])
     want_d, want_i = pj.nearest_neighbors(bank, queries, k)
     got_d, got_i = sharding.nearest_neighbors(bank, queries, k, mesh=mesh)
     np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))

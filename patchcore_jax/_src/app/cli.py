@@ -2,7 +2,8 @@
 
 Every argument and output location is validated before any work starts. Exit codes: 0 success; 2 bad
 usage or bad input (one line naming the path or value given); 1 an unexpected failure (one line;
-`--debug`, accepted in any position, shows the traceback); 130 interrupted.
+`--debug`, accepted in any position, shows the traceback); 3 done, but `predict --skip-unreadable`
+skipped files (each named); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from patchcore_jax._src.app import commands
-from patchcore_jax._src.app.console import UsageError, add_model_options, say, version
+from patchcore_jax._src.app.console import UsageError, add_model_options, say, use_compilation_cache, version
 
 
 
@@ -28,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of failures")
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("--no-compile-cache", action="store_true", default=argparse.SUPPRESS,
+                        help="do not keep compiled programs between runs (default: kept in "
+                             "$XDG_CACHE_HOME/patchcore-jax/jax, or ~/.cache/...; the environment variable "
+                             "PATCHCORE_JAX_COMPILATION_CACHE names another folder, or 0 for none)")
     parser = _Parser(prog="patchcore-jax", description="PatchCore anomaly detection in JAX.", parents=[common])
     parser.add_argument("--version", action="version", version=f"patchcore-jax {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and the score scale from them")
     p.add_argument("--quantile", type=float, default=1.0,
                    help="quantile of the held-out good scores and map values (default 1.0 = max)")
+    p.add_argument("--held-out", type=float, default=0.2,
+                   help="without --threshold-from or --validation: the fraction of the training images held out "
+                        "to set default thresholds (scored by a model fitted on the rest; the model kept is fitted "
+                        "on all; default 0.2; 0 = no image threshold)")
     p.add_argument("--validation", help="labelled folder (good/ and defect sub-folders; masks in ground_truth/<kind>/"
                                         "<name>_mask.png when present): F1-optimal image (and pixel) thresholds")
     p.add_argument("--mask-rule", choices=("published", "half"), default="published",
@@ -61,21 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="score images with a fitted model")
     p.add_argument("--model", required=True, help="model folder written by fit")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="output folder, new or an earlier predict's: scores.csv and heatmaps/")
+    p.add_argument("--out", required=True, help="output folder, new or an earlier predict's: scores.csv, run.json and "
+                                                "heatmaps/")
     p.add_argument("--threshold", type=float, help="image threshold (overrides the model's)")
     p.add_argument("--pixel-threshold", type=float, help="pixel threshold: outlines and masks (overrides the model's)")
     p.add_argument("--no-heatmaps", action="store_true", help="no heatmap panels")
     p.add_argument("--save-maps", action="store_true", help="raw anomaly maps as float32 maps/<input>.npy")
-    p.add_argument("--save-masks", action="store_true", help="predicted defect masks (map > pixel threshold) as "
-                                                             "masks/<input>.png")
+    p.add_argument("--save-masks", action="store_true", help="predicted defect regions as masks/<input>.png (255 = "
+                                                             "defect; empty for an image judged fine)")
     p.add_argument("--full-frame", action="store_true",
                    help="maps, panels and masks at each image's original size, the region outside the crop marked "
                         "as not inspected (NaN in the .npy maps)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="score the readable images and skip the others (each named on stderr and in run.json; exit "
+                        "status 3); without it, an unreadable image stops the run before any work")
     p.set_defaults(func=commands.cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="fit and evaluate per category on MVTec AD, MTD or mSTC",
                        description="Runs the paper's protocol on a data set folder you provide (nothing is downloaded) "
-                                   "and writes results.json, results.csv and a few heatmaps per category. Resumable: a "
+                                   "and writes results.json, results.csv, scores.csv (every test image's score) and heatmaps for every kind of test image. Resumable: a "
                                    "category whose inputs and settings are unchanged is kept.")
     p.add_argument("--dataset", required=True, choices=("mvtec", "mtd", "mstc"))
     p.add_argument("--root", required=True, help="the data set's folder (see README for the layouts)")
@@ -84,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=("folder", "tfds"), default="folder",
                    help="read files directly, or through a TFDS array_record preparation (default folder)")
     p.add_argument("--tfds-dir", help="where TFDS preparations live (default OUT/tfds)")
-    p.add_argument("--heatmaps", type=int, default=4, help="heatmap panels written per category (default 4)")
+    p.add_argument("--heatmaps", type=int, default=2,
+                   help="heatmap panels per kind of test image: good and every defect type (default 2)")
+    p.add_argument("--save-models", action="store_true", help="also write each category's fitted model to "
+                                                             "OUT/models/<category>/ (usable by predict)")
     p.add_argument("--mask-rule", choices=("published", "half"), default="published",
                    help="ground-truth pixels after resizing: published (only full 255 counts, as the published "
                         "code; default) or half (>= 128)")
@@ -116,7 +132,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.debug = getattr(args, "debug", False)
     args.quiet = getattr(args, "quiet", False)
+    args.no_compile_cache = getattr(args, "no_compile_cache", False)
     try:
+        if args.command != "convert-weights":
+            use_compilation_cache(not args.no_compile_cache)
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as err:
         if args.debug:

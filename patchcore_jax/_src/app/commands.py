@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 
 from patchcore_jax._src.app.console import (
-    RANDOM_BACKBONE_NOTE, UsageError, check_bank_size, config_from_args, configs_from_args, list_checked, new_model,
-    progress_for, say,
+    UsageError, check_bank_size, config_from_args, configs_from_args, list_checked, new_model,
+    plural, progress_for, random_backbone_note, say,
 )
 
 
@@ -36,14 +36,14 @@ def cmd_demo(args) -> int:
     say(f"patchcore-jax demo: synthetic defects (scratch, spot, missing piece, colour change), backbone {cfg.backbone}, "
          f"coreset {cfg.coreset_fraction:.0%}, Eq. 7 with b={cfg.num_neighbors}")
     if cfg.weights is None:
-        say(RANDOM_BACKBONE_NOTE)
+        say(random_backbone_note(cfg))
     data = make_synthetic(seed=args.data_seed, n_train=args.train, n_test_good=args.test_good, n_test_defect=args.test_defect)
     model.fit(data["train"][: max(1, args.train - args.train // 5)])
     held = data["train"][max(1, args.train - args.train // 5):]
     say(f"memory bank: {model.num_patches_seen} patches -> coreset of {model.bank.shape[0]} x {model.bank.shape[1]}")
     if len(held):
         model.calibrate(held)
-        say(f"thresholds from {len(held)} held-out good image{'s' if len(held) != 1 else ''}: image {model.threshold:.4g}, pixel "
+        say(f"thresholds from {plural(len(held), 'held-out good image')}: image {model.threshold:.4g}, pixel "
              f"{model.pixel_threshold.value:.4g}")
     preds = list(model.predict_iter(data["test"]))
     scores, maps = np.array([p.score for p in preds]), np.stack([p.anomaly_map for p in preds])
@@ -67,7 +67,7 @@ def cmd_demo(args) -> int:
         out.write(os.path.join("heatmaps", f"{names[i]}.png"),
                   lambda tmp, i=i: visualize.draw_panel(tmp, image=preds[i].crop, amap=maps[i], mask=masks[i], scale=scale,
                                                         score=preds[i].score, image_threshold=model.threshold,
-                                                        name=names[i]))
+                                                        name=names[i], decision=model.decide(preds[i].score, maps[i])))
     summary = {
         "dataset": "synthetic",
         "pretrained_backbone": cfg.weights is not None,
@@ -84,14 +84,34 @@ def cmd_demo(args) -> int:
 
 # -- fit / predict --------------------------------------------------------------------------------------
 def _validation_set(folder, cfg, *, exclude):
-    """A labelled folder: `good/` holds nominal images, every other sub-folder defective ones; masks,
-    when the folder has `ground_truth/<kind>/<name>_mask.png` (MVTec's layout), for every defect."""
-    from patchcore_jax._src.io.data.datasets import labelled_folder
+    """A labelled folder in MVTec AD's layout: `good/` holds nominal images, every other sub-folder
+    defective ones; masks in `ground_truth/<kind>/<name>_mask.png` beside or inside it (a category
+    folder with `test/` and `ground_truth/` is taken too). Every image and mask is checked now."""
+    from patchcore_jax._src.io.data.datasets import labelled_folder, validation_layout
+    from patchcore_jax._src.model.images import check_image, display
 
-    paths, labels, masks = labelled_folder(folder)
+    try:
+        test, gt = validation_layout(folder)
+        paths, labels, masks = labelled_folder(folder)
+    except ValueError as err:
+        raise UsageError(f"--validation {err}") from None
     list_checked(paths, cfg, what="validation images", exclude=exclude)
+    for image, mask in zip(paths, masks or []):
+        if mask is not None:
+            try:
+                size = check_image(mask)
+            except ValueError as err:
+                raise UsageError(f"--validation {err}") from None
+            if size != check_image(image):
+                raise UsageError(f"--validation {display(mask)}: a {size[1]}x{size[0]} mask for the "
+                                 f"{check_image(image)[1]}x{check_image(image)[0]} image {display(image)}")
     if labels.all() or not labels.any():
-        raise UsageError(f"--validation {folder}: expected good/ and at least one defect folder, with images in both")
+        raise UsageError(f"--validation {display(test)}: expected good/ and at least one defect folder, with images "
+                         "in both")
+    kinds = sorted({os.path.basename(os.path.dirname(p)) for p, l in zip(paths, labels) if l})
+    say(f"validation: {plural(int((~labels.astype(bool)).sum()), 'good image')} and "
+        f"{plural(int(labels.sum()), 'defective image')} ({', '.join(kinds)}) in {display(test)}; "
+        + (f"masks from {display(gt)}" if gt else "no ground_truth/ folder: image threshold only"))
     return paths, labels, masks
 
 
@@ -106,6 +126,8 @@ def cmd_fit(args) -> int:
         check_quantile(args.quantile)
     except ValueError:
         raise UsageError(f"--quantile {args.quantile}: expected a number in [0, 1]") from None
+    if not 0.0 <= args.held_out < 1.0:
+        raise UsageError(f"--held-out {args.held_out}: expected a fraction in [0, 1)")
     persistence.check_target(args.out)
     out_abs = os.path.abspath(args.out)
     paths = list_checked(args.train, cfg, what="training images", exclude=[out_abs])
@@ -114,11 +136,21 @@ def cmd_fit(args) -> int:
     model = new_model(cfgs, quiet=args.quiet)
     check_bank_size(model, len(paths))
     if any(c.weights is None for c in cfgs):
-        say(RANDOM_BACKBONE_NOTE, sys.stderr)
-    model.fit(paths)
+        say(random_backbone_note(cfgs), sys.stderr)
+    if held or validation is not None or args.held_out == 0:
+        model.fit(paths)
+    else:
+        done = model.fit_calibrated(paths, held_out=args.held_out, quantile=args.quantile)
+        if done["held_out"]:
+            say(f"default thresholds from the training images ({model.image_threshold.rule}): image "
+                f"{model.threshold:.6g}, pixel {model.pixel_threshold.value:.6g}; --threshold-from or --validation "
+                "set better ones")
+        else:
+            say(f"no image threshold: {plural(len(paths), 'training image')} are too few to hold any out; give "
+                "--threshold-from or --validation (predict gives no verdict without one)", sys.stderr)
     if held:
         model.calibrate(held, quantile=args.quantile)
-        say(f"thresholds from {len(held)} held-out good images (quantile {args.quantile}): image {model.threshold:.6g}, "
+        say(f"thresholds from {plural(len(held), 'held-out good image')} (quantile {args.quantile}): image {model.threshold:.6g}, "
              f"pixel {model.pixel_threshold.value:.6g}")
     if validation is not None:
         paths_v, labels_v, masks_v = validation
@@ -131,17 +163,18 @@ def cmd_fit(args) -> int:
                 say(f"{kind} threshold {r['threshold']:.6g}, F1-optimal on {len(paths_v)} validation images: "
                      f"precision {r['precision']:.3f}, recall {r['recall']:.3f}, F1 {r['f1']:.3f}")
     model.save(args.out)
-    say(f"fitted on {len(paths)} images: {model.describe()}; saved {args.out}")
+    say(f"fitted on {plural(len(paths), 'image')}: {model.describe()}; saved {args.out}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from patchcore_jax._src.app import visualize
+    from patchcore_jax._src.app import records, visualize
     from patchcore_jax._src.model.images import display, read_image
     from patchcore_jax._src.model.detector import Threshold, check_threshold
-    from patchcore_jax._src.io.outputs import OutputDir
+    from patchcore_jax._src.io.outputs import OutputDir, csv_text
     from patchcore_jax._src.api.loading import load
 
+    started = time.perf_counter()
     given = {}
     for option, value in (("--threshold", args.threshold), ("--pixel-threshold", args.pixel_threshold)):
         try:
@@ -152,7 +185,14 @@ def cmd_predict(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         model = load(args.model, progress=progress_for(args.quiet))
-    paths = list_checked(args.images, model.config, what="images", exclude=[out_abs])
+    skipped = [] if args.skip_unreadable else None
+    paths = list_checked(args.images, model.config, what="images", exclude=[out_abs], skipped=skipped)
+    for path, reason in skipped or []:
+        say(f"patchcore-jax predict: skipped {reason}" if display(path) in reason
+            else f"patchcore-jax predict: skipped {display(path)}: {reason}", sys.stderr)
+    if not paths:
+        raise UsageError(f"{' '.join(display(p) for p in args.images)}: none of the {plural(len(skipped), 'image')} "
+                         "could be read")
     if given["--threshold"] is not None:
         model.threshold = given["--threshold"]
     if given["--pixel-threshold"] is not None:
@@ -160,46 +200,51 @@ def cmd_predict(args) -> int:
     if any(c.weights is None for c in getattr(model, "configs", [model.config])):
         say("NOTE: this model was fitted with a randomly initialised backbone (no --weights); its scores are weak.",
              sys.stderr)
+    if model.threshold is None:
+        say("NOTE: this model has no image threshold, so there is no verdict (blank anomalous column); refit with "
+            "--threshold-from, --validation or the default held-out fold, or pass --threshold", sys.stderr)
     out = OutputDir.claim(out_abs, "predict")
-    names = _mirrored_names(paths)
+    names = records.output_names(paths)
     scale = model.color_scale()
     above = 0
     with out.open_stream("scores.csv") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "score", "normalized_score", "anomalous", "heatmap"])
         for pred, path, rel in zip(model.predict_iter(paths), paths, names):
-            label = "" if model.threshold is None else int(pred.score > model.threshold)
-            above += label == 1
-            norm = model.normalized_scores([pred.score])
-            heatmap = None if args.no_heatmaps else os.path.join("heatmaps", rel + ".png")
-            writer.writerow([display(path), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
-                             "" if heatmap is None else display(heatmap)])
             amap, image = pred.anomaly_map, pred.crop
             if args.full_frame:
                 amap, image = model.frame_map(pred.anomaly_map, pred.size), read_image(path)
+            decision = model.decide(pred.score, amap)
+            label = "" if decision.anomalous is None else int(decision.anomalous)
+            above += label == 1
+            norm = model.normalized_scores([pred.score])
+            heatmap = None if args.no_heatmaps else os.path.join("heatmaps", rel + ".png")
+            writer.writerow([csv_text(display(path)), repr(pred.score), "" if norm is None else f"{norm[0]:.6f}", label,
+                             "" if heatmap is None else csv_text(display(heatmap))])
             if heatmap is not None:
-                out.write(heatmap, lambda tmp, p=pred, a=amap, im=image, n=display(path): visualize.draw_panel(
-                    tmp, image=im, amap=a, scale=scale, score=p.score, image_threshold=model.threshold, name=n))
+                out.write(heatmap, lambda tmp, p=pred, a=amap, im=image, n=display(path), d=decision:
+                          visualize.draw_panel(tmp, image=im, amap=a, scale=scale, score=p.score,
+                                               image_threshold=model.threshold, name=n, decision=d))
             if args.save_maps:
                 out.write(os.path.join("maps", rel + ".npy"), lambda tmp, a=amap: visualize.save_npy(tmp, a))
             if args.save_masks:
-                predicted = np.nan_to_num(amap, nan=-np.inf) > model.pixel_threshold.value
-                out.write(os.path.join("masks", rel + ".png"), lambda tmp, m=predicted: visualize.save_mask_png(tmp, m))
+                out.write(os.path.join("masks", rel + ".png"),
+                          lambda tmp, m=decision.region: visualize.save_mask_png(tmp, m))
     written = [w for w, on in (("heatmaps", not args.no_heatmaps), ("maps", args.save_maps), ("masks", args.save_masks)) if on]
-    say(f"scored {len(paths)} images: {out.path('scores.csv')}" + "".join(f", {out.path(w)}" for w in written))
+    counts = {"images": len(paths) + len(skipped or []), "scored": len(paths), "skipped": len(skipped or []),
+              "anomalous": None if model.threshold is None else int(above)}
+    out.write_json("run.json", records.run_record(model=model, model_path=args.model, args=args, counts=counts,
+                                                  skipped=skipped or [], outputs=["scores.csv", *written],
+                                                  started=started))
+    say(f"scored {plural(len(paths), 'image')}: {out.path('scores.csv')}" + "".join(f", {out.path(w)}" for w in written)
+        + f"; run record {out.path('run.json')}")
     if model.threshold is not None:
         say(f"{above} above the image threshold {model.threshold:.6g} ({model.image_threshold.rule})")
+    if skipped:
+        say(f"patchcore-jax predict: skipped {plural(len(skipped), 'unreadable file')} (listed above and in "
+            f"{out.path('run.json')}); exit status 3", sys.stderr)
+        return 3
     return 0
-
-
-def _mirrored_names(paths: list[str]) -> list[str]:
-    """Output names mirroring the inputs' paths relative to their common folder: distinct inputs get
-    distinct names (`a/b.png` and `a_b.png` stay apart; `x.png` and `x.jpg` keep their suffixes)."""
-    absolute = [os.path.abspath(p) for p in paths]
-    base = os.path.commonpath(absolute) if len(set(absolute)) > 1 else os.path.dirname(absolute[0])
-    if base in absolute:  # one file given twice
-        base = os.path.dirname(base)
-    return [os.path.relpath(p, base) for p in absolute]
 
 
 # -- evaluate -------------------------------------------------------------------------------------------
@@ -216,10 +261,11 @@ def cmd_evaluate(args) -> int:
         if args.quiet:
             tfds.disable_progress_bar()
     if any(c.weights is None for c in cfgs):
-        say(RANDOM_BACKBONE_NOTE)
+        say(random_backbone_note(cfgs))
     report = evaluate.evaluate(args.dataset, args.root, cfg, out=args.out, categories=args.categories,
                                source=args.source, tfds_dir=args.tfds_dir, heatmaps=args.heatmaps,
-                               mask_rule=args.mask_rule, progress=progress_for(args.quiet), log=say)
+                               mask_rule=args.mask_rule, progress=progress_for(args.quiet), log=say,
+                               save_models=args.save_models)
     mean = report["mean"]
     say(f"mean over {len(report['categories'])} categories: image AUROC {evaluate.fmt(mean['image_auroc'])}  pixel AUROC "
          f"{evaluate.fmt(mean['pixel_auroc'])}  AU-PRO {evaluate.fmt(mean['au_pro'])}; "

@@ -4,15 +4,26 @@ model options turned into checked settings. With `cli` and `commands`, the only 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 
 
-RANDOM_BACKBONE_NOTE = (
-    "NOTE: no --weights given, so the backbone is RANDOMLY initialised (not pretrained). PatchCore's accuracy "
-    "comes from ImageNet features: expect far lower numbers than with pretrained weights. Fetch torchvision's "
-    "IMAGENET1K_V1 wide_resnet50_2 (or timm's wide_resnet50_2.tv_in1k safetensors) and pass --weights FILE."
-)
+def random_backbone_note(configs) -> str:
+    """The warning every command gives when a backbone has no weights, naming where to get the
+    pretrained weights of the backbones actually used (not always WideResNet's)."""
+    from patchcore_jax._src.io import hub
+
+    configs = configs if isinstance(configs, (list, tuple)) else [configs]
+    names = []
+    for c in configs:
+        if c.weights is None:
+            alias, repo = hub.NAMED.get(c.backbone, (None, None))
+            names.append(f"--weights {alias} (timm's {repo}) for {c.backbone}" if alias else
+                         f"a torchvision/timm ImageNet state dict of {c.backbone} as --weights FILE")
+    return ("NOTE: no --weights given, so the backbone is RANDOMLY initialised (not pretrained). PatchCore's accuracy "
+            "comes from ImageNet features: expect far lower numbers than with pretrained weights. Pass "
+            + "; ".join(names) + ".")
 
 
 # Config fields as the options that set them, so errors name what the user typed.
@@ -28,18 +39,66 @@ class UsageError(Exception):
     """Bad arguments or input: reported as one line, exit status 2."""
 
 
-def say(message: str, file=None) -> None:
-    """Prints a line whatever bytes a path in it holds (undecodable bytes as \\xNN)."""
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(message: str) -> str:
+    """`message` with undecodable bytes and control characters (ESC, BEL, CR, tab...; not the line
+    break) written as \\xNN, so a file's name never reaches a terminal as a command."""
     from patchcore_jax._src.model.images import display
 
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", display(message))
+
+
+def say(message: str, file=None) -> None:
+    """Prints a line whatever bytes or control characters a path in it holds (`printable`)."""
     file = file or sys.stdout
-    print(display(message), file=file, flush=True)
+    print(printable(message), file=file, flush=True)
 
 
 def version() -> str:
     from patchcore_jax._src.version import __version__
 
     return __version__
+
+
+# -- the compilation cache ------------------------------------------------------------------------------
+CACHE_ENV = "PATCHCORE_JAX_COMPILATION_CACHE"
+
+
+def compilation_cache_dir(environ=None) -> str | None:
+    """Where the command line keeps compiled programs between runs: `$PATCHCORE_JAX_COMPILATION_CACHE`
+    (a folder, or 0/off/false/no for none), else JAX's own `$JAX_COMPILATION_CACHE_DIR` when set, else
+    `$XDG_CACHE_HOME/patchcore-jax/jax` (`~/.cache/patchcore-jax/jax`)."""
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(CACHE_ENV, "").strip()
+    if chosen.lower() in ("0", "off", "false", "no", "none"):
+        return None
+    if chosen:
+        return os.path.abspath(os.path.expanduser(chosen))
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "patchcore-jax", "jax")
+
+
+def use_compilation_cache(enabled: bool) -> str | None:
+    """Turns JAX's persistent compilation cache on for this process (before anything compiles), so a
+    second run of a command reads its programs back instead of compiling them; returns the folder, or
+    None when it is off (`--no-compile-cache`, or the environment says so) or cannot be created."""
+    folder = compilation_cache_dir() if enabled else None
+    if folder is None:
+        return None
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache rather than fail
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the small programs add up too
+    return folder
 
 
 # -- shared argument handling ---------------------------------------------------------------------------
@@ -142,24 +201,49 @@ def new_model(cfg, *, quiet: bool):
 
 
 class ProgressBars:
-    """A progress callback `(stage, done, total)` drawn as one tqdm bar per stage on stderr."""
+    """A progress callback `(stage, done, total)` drawn as one tqdm bar per stage on stderr when it is a
+    terminal; otherwise (a log file, a pipe) as plain lines, with no carriage returns or cursor moves:
+    a stage's first step, then at most one line every `every` seconds, and its end."""
 
-    def __init__(self):
+    def __init__(self, stream=None, *, every: float = 10.0):
+        self.stream = stream
+        self.every = every
         self.bars = {}
+        self.lines = {}  # stage -> (time of the last line, last done)
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
+        stream = self.stream or sys.stderr
+        if not stream.isatty():
+            self._line(stream, stage, done, total)
+            return
         bar = self.bars.get(stage)
         if bar is None:
             from tqdm.auto import tqdm
 
             unit = "step" if "coreset" in stage else "img"
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False)
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, leave=False, file=stream)
         bar.update(done - bar.n)
+
+    def _line(self, stream, stage: str, done: int, total: int | None) -> None:
+        import time
+
+        now = time.monotonic()
+        last = self.lines.get(stage)
+        finished = total is not None and done >= total
+        if last is not None and not finished and now - last[0] < self.every:
+            return
+        if last is not None and last[1] == done:
+            return
+        self.lines[stage] = (now, done)
+        unit = "step" if "coreset" in stage else "image"
+        count = f"{done}/{total}" if total is not None else str(done)
+        say(f"{stage}: {count} {unit}{'s' if (total or done) != 1 else ''}", stream)
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
+        self.lines.clear()
 
 
 def progress_for(quiet: bool):
@@ -167,19 +251,35 @@ def progress_for(quiet: bool):
     return None if quiet else ProgressBars()
 
 
-def list_checked(paths, cfg, *, what: str, exclude=()):
+def list_checked(paths, cfg, *, what: str, exclude=(), skipped: list | None = None):
     """Lists image files and reads every header now (mode, size, and the size after resizing), so a
-    bad file stops the run before any work."""
-    from patchcore_jax._src.model.images import check_image, display, list_images
+    bad file stops the run before any work. With `skipped` (a list), a file that cannot be read (its
+    header, or, read in full, its pixels) is appended as `(path, reason)` and left out instead."""
+    from patchcore_jax._src.model.images import check_image, display, list_images, read_image
 
     found = list_images(paths, exclude=exclude)
     if not found:
         raise UsageError(f"{' '.join(display(p) for p in ([paths] if isinstance(paths, str) else paths))}: "
                          f"no {what} found (looked for .png, .jpg, .bmp, .tif, ... files; hidden files are skipped)")
+    kept = []
     for p in found:
-        h, w = check_image(p)
-        cfg.image_geometry.check(h, w, name=display(p))
-    return found
+        try:
+            h, w = check_image(p)
+            cfg.image_geometry.check(h, w, name=display(p))
+            if skipped is not None:
+                read_image(p)  # the pixels too: a truncated file has a good header
+        except ValueError as err:
+            if skipped is None:
+                raise
+            skipped.append((p, str(err)))
+            continue
+        kept.append(p)
+    return kept
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """"1 image", "2 images"."""
+    return f"{count} {noun if count == 1 else (plural_form or noun + 's')}"
 
 
 def check_bank_size(model, num_images: int) -> None:

@@ -8,7 +8,8 @@ optimistic figure: the threshold is chosen on the data it is scored on, as anoma
 (atomically) to `OUT/categories/<name>.json` with a fingerprint of its inputs (every image and mask
 file's path, size and modification time, and the settings); a rerun reuses a category only when its
 fingerprint is unchanged, and recomputes it otherwise (resumable, never stale). The report
-(`results.json`, `results.csv`) holds every category and the mean over categories.
+(`results.json`, `results.csv`) holds every category and the mean over categories; `scores.csv` every
+test image's score; `heatmaps/<category>/` panels for every kind of test image (good and each defect).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from patchcore_jax._src.app import visualize
 from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax._src.io.data import datasets as datasets
 from patchcore_jax._src.model.images import display
-from patchcore_jax._src.io.outputs import OutputDir
+from patchcore_jax._src.io.outputs import OutputDir, csv_text
 
 SOURCES = ("folder", "tfds")
 
@@ -133,9 +134,20 @@ def evaluate_category(model, splits, *, mask_rule: str = "published", heatmaps: 
         model.image_threshold = Threshold(image_f1["threshold"], "F1-optimal on the evaluated test set")
     if pixel_f1 is not None:
         model.pixel_threshold = Threshold(pixel_f1["threshold"], "F1-optimal over the evaluated test set's pixels")
-    bad, good = np.nonzero(labels == 1)[0], np.nonzero(labels == 0)[0]
-    pick = sorted(list(bad[: heatmaps - heatmaps // 2]) + list(good[: heatmaps // 2]))[:heatmaps]
+    pick = panels_to_draw([r["kind"] for r in meta], heatmaps)
     return result, [(meta[i]["name"], meta[i]["prediction"], masks[i] if has_masks else None) for i in pick]
+
+
+def panels_to_draw(kinds: list[str], per_kind: int) -> list[int]:
+    """The test images whose panels are drawn: the first `per_kind` of every kind (good and each
+    defect type), in test order, so no defect type goes unseen."""
+    seen: dict[str, int] = {}
+    pick = []
+    for i, kind in enumerate(kinds):
+        if seen.get(kind, 0) < per_kind:
+            seen[kind] = seen.get(kind, 0) + 1
+            pick.append(i)
+    return pick
 
 
 def _read_previous(path: str) -> dict | None:
@@ -155,12 +167,15 @@ def _read_previous(path: str) -> dict | None:
 
 
 def evaluate(dataset: str, root: str, config, *, out: str, categories=None, source: str = "folder",
-             tfds_dir: str | None = None, heatmaps: int = 4, mask_rule: str = "published", progress=None,
-             log: Callable[[str], None] = lambda message: None) -> dict:
+             tfds_dir: str | None = None, heatmaps: int = 2, mask_rule: str = "published", progress=None,
+             log: Callable[[str], None] = lambda message: None, save_models: bool = False) -> dict:
     """Runs the protocol and writes `out/` (see the module docstring); returns the report.
 
     `config` is a `PatchCoreConfig`, or a list of them for an ensemble, used as given (see
-    `protocol_config` for the data set's geometry). `log` receives one line per category.
+    `protocol_config` for the data set's geometry). `log` receives one line per category. `heatmaps`:
+    panels drawn per kind of test image (good and every defect type). `save_models`: each category's
+    fitted model is also written to `out/models/<category>/` (a category kept from an earlier run is
+    fitted again when its model folder is missing).
     """
     from patchcore_jax._src.api.ensemble import PatchCoreEnsemble
     from patchcore_jax._src.api.patchcore import PatchCore
@@ -199,6 +214,9 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
         rel = os.path.join("categories", f"{cat.name}.json")
         fingerprint = _fingerprint(cat, settings)
         previous = _read_previous(outdir.path(rel))
+        model_dir = outdir.path(os.path.join("models", cat.name))
+        if save_models and not os.path.isdir(model_dir):
+            previous = None
         if previous is not None and previous.get("fingerprint") == fingerprint:
             per_category[cat.name] = previous["result"]
             log(f"[{i}/{len(cats)}] {cat.name}: done before with the same inputs and settings, kept "
@@ -216,13 +234,16 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
             model = (PatchCore(config, progress=progress) if len(configs) == 1
                      else PatchCoreEnsemble(configs, progress=progress))
         result, shown = evaluate_category(model, splits, mask_rule=mask_rule, heatmaps=heatmaps)
+        if save_models:
+            model.save(model_dir)
         if shown:
             scale = model.color_scale()
             for record_name, pred, mask in shown:
                 outdir.write(os.path.join("heatmaps", cat.name, f"{record_name}.png"),
                              lambda tmp, p=pred, m=mask, n=record_name: visualize.draw_panel(
                                  tmp, image=p.crop, amap=p.anomaly_map, mask=m, scale=scale, score=p.score,
-                                 image_threshold=model.threshold, name=f"{cat.name}/{n}"))
+                                 image_threshold=model.threshold, name=f"{cat.name}/{n}",
+                                 decision=model.decide(p.score, p.anomaly_map)))
         outdir.write_json(rel, {"settings": settings, "fingerprint": fingerprint, "result": result})
         per_category[cat.name] = result
         log(f"[{i}/{len(cats)}] {cat.name}: image AUROC {fmt(result['image_auroc'])}  pixel AUROC "
@@ -255,10 +276,25 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
         for kind in ("image", "pixel"):
             t = r[f"{kind}_threshold_f1"]
             f1 += ["", "", "", ""] if t is None else [t["threshold"], t["precision"], t["recall"], t["f1"]]
-        w.writerow([n, *(r[k] for k in METRICS), *f1, r["n_train"], r["n_test"], r["n_anomalous"], r["bank_size"]])
+        w.writerow([csv_text(n), *(r[k] for k in METRICS), *f1, r["n_train"], r["n_test"], r["n_anomalous"], r["bank_size"]])
     w.writerow(["mean", *(mean[k] for k in METRICS), *([""] * len(f1_columns)), "", "", "", ""])
     outdir.write_text("results.csv", table.getvalue())
+    outdir.write_text("scores.csv", scores_table(per_category))
     return report
+
+
+def scores_table(per_category: dict) -> str:
+    """Every test image's score, one row each: `category, name, kind, label, score, anomalous` (against
+    the category's F1-optimal image threshold on the evaluated set; blank where there is none)."""
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["category", "name", "kind", "label", "score", "anomalous"])
+    for cat, r in per_category.items():
+        t = r["image_threshold_f1"]
+        for row in r["scores"]:
+            w.writerow([csv_text(cat), csv_text(row["name"]), csv_text(row["kind"]), row["label"], repr(row["score"]),
+                        "" if t is None else int(row["score"] > t["threshold"])])
+    return table.getvalue()
 
 
 def fmt(x) -> str:

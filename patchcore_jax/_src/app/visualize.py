@@ -24,21 +24,50 @@ def _figure(width: float, height: float):
     return fig
 
 
+def digits(score: float, threshold: float, *, least: int = 4, most: int = 9) -> int:
+    """Significant digits enough to tell `score` from `threshold` (at least `least`, at most `most`):
+    6.66742 and 6.66723 read 6.6674 and 6.6672, not both 6.667."""
+    if score == threshold:
+        return least
+    for d in range(least, most + 1):
+        if f"{score:.{d}g}" != f"{threshold:.{d}g}":
+            return d
+    return most
+
+
 def verdict(score: float, threshold: float | None) -> tuple[str, str]:
     """The line a panel leads with, and its colour."""
     if threshold is None:
         return f"score {score:.4g} (no image threshold set: no verdict)", "black"
+    d = digits(score, threshold)
     if score > threshold:
-        return f"DEFECT: score {score:.4g} > threshold {threshold:.4g}", "#c00000"
-    return f"fine: score {score:.4g} <= threshold {threshold:.4g}", "#006400"
+        return f"DEFECT: score {score:.{d}g} > threshold {threshold:.{d}g}", "#c00000"
+    return f"fine: score {score:.{d}g} <= threshold {threshold:.{d}g}", "#006400"
+
+
+def outline_title(decision) -> str:
+    """The overlay's title: what its outline shows (a `Decision` of `Detector.decide`)."""
+    if decision.anomalous is False:
+        return "map over image (judged fine: no region outlined)"
+    if decision.anomalous is None:
+        return "map over image (outline: above pixel threshold)"
+    if decision.level is not None and "peak" in decision.rule:
+        return "map over image (outline: the map's peak; no pixel above pixel threshold)"
+    if "maximum" in decision.rule:
+        return "map over image (outline: the map's maximum)"
+    return "map over image (outline: above pixel threshold)"
 
 
 def draw_panel(path, *, image: np.ndarray, amap: np.ndarray, scale: tuple[float, float, float], score: float,
                image_threshold: float | None, name: str = "", mask: np.ndarray | None = None,
-               image_format: str = "png") -> None:
+               image_format: str = "png", decision=None) -> None:
     """Writes one panel: image | map over the image (the predicted defect region outlined, the region
     not inspected hatched) | ground truth (when given); a colour bar in score units with the pixel
     threshold marked; the image score, the threshold and the verdict in the title.
+
+    `decision`: the model's `Decision` for this image (`Detector.decide`); its region is the one
+    outlined, so the panel agrees with `scores.csv` and the saved masks. Without it, the outline is
+    the map above the pixel threshold.
 
     Args:
       image: `(H, W, 3)` uint8, the same geometry as `amap` (the crop, or the original frame).
@@ -59,12 +88,14 @@ def draw_panel(path, *, image: np.ndarray, amap: np.ndarray, scale: tuple[float,
     axes[1].imshow(image)
     shown = axes[1].imshow(np.ma.masked_invalid(amap), cmap=CMAP, norm=norm, alpha=0.55, interpolation="bilinear")
     inspected = np.isfinite(amap)
-    if np.nanmax(amap) > mid:
-        axes[1].contour(np.where(inspected, amap, low), levels=[mid], colors="white", linewidths=1.2)
+    region = (inspected & (np.where(inspected, amap, low) > mid)) if decision is None else decision.region
+    if region.any():
+        axes[1].contour(region.astype(float), levels=[0.5], colors="white", linewidths=1.2)
     if not inspected.all():
         axes[1].imshow(np.where(inspected, np.nan, 1.0), cmap="gray", vmin=0, vmax=2, alpha=0.6)
         axes[1].contourf((~inspected).astype(float), levels=[0.5, 1.5], hatches=["//"], colors="none")
-    axes[1].set_title("map over image (outline: above pixel threshold)", fontsize=9)
+    axes[1].set_title("map over image (outline: above pixel threshold)" if decision is None
+                      else outline_title(decision), fontsize=9)
     if mask is not None:
         axes[2].imshow(np.asarray(mask, bool), cmap="gray", vmin=0, vmax=1)
         axes[2].set_title("ground truth", fontsize=9)

@@ -18,6 +18,7 @@ ONNX_METADATA_KEY = "patchcore_jax"
 # floats (12.8 MB per 224 px image), whatever the bank's size.
 BLOCK_ROWS = 4096
 MAX_HEADER = 1 << 20
+MAX_ONNX_BYTES = (1 << 31) - 1  # protobuf's limit for one message: no ONNX model file is larger
 
 
 class ExportFileError(ValueError):

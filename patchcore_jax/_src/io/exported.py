@@ -3,7 +3,6 @@ and returns an `ExportedModel` that runs it."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from patchcore_jax._src.io import atomic
 from patchcore_jax._src.io.export_format import (
-    FORMAT, FORMAT_VERSION, INPUT_NAME, MAGIC, MAX_HEADER, ONNX_METADATA_KEY, OUTPUT_NAMES, ExportFileError, canonical,
+    FORMAT, FORMAT_VERSION, INPUT_NAME, MAGIC, MAX_HEADER, MAX_ONNX_BYTES, ONNX_METADATA_KEY, OUTPUT_NAMES, ExportFileError, canonical,
     onnx_session,
 )
 from patchcore_jax._src.model.images import display
@@ -64,13 +63,7 @@ def _fail(where: str, what: str):
 
 
 def _parse_metadata(raw, where: str, program: str) -> dict:
-    def no_constants(name):
-        raise ValueError(f"{name} is not allowed")
-
-    try:
-        meta = json.loads(raw, parse_constant=no_constants)
-    except (UnicodeDecodeError, ValueError):
-        _fail(where, "its metadata is not valid JSON (damaged or truncated)")
+    meta = atomic.strict_json(bytes(raw), f"{where}: its metadata", ExportFileError)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         _fail(where, "not a patchcore-jax export")
     version = meta.get("format_version")
@@ -81,7 +74,15 @@ def _parse_metadata(raw, where: str, program: str) -> dict:
         _fail(where, "its metadata does not match its own checksum (modified or damaged)")
     if meta.get("program") != program:
         _fail(where, f"its metadata describes a {meta.get('program')!r} program, but the file holds {program}")
+    shape = meta.get("input", {}).get("shape") if isinstance(meta.get("input"), dict) else None
+    if not (isinstance(shape, list) and len(shape) == 4 and (shape[0] == "B" or _is_size(shape[0]))
+            and _is_size(shape[1]) and shape[1] == shape[2] and shape[3] == 3):
+        _fail(where, f"its metadata's input shape is not [B or batch, crop, crop, 3]: {meta.get('input')!r}")
     return meta
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 20
 
 
 def read_metadata(path) -> dict:
@@ -106,27 +107,36 @@ def load_exported(path) -> ExportedModel:
         if not stat.S_ISREG(st.st_mode):
             _fail(where, "not a regular file")
         with open(absolute, "rb") as f:
-            data = f.read()
+            head = f.read(len(MAGIC) + MAX_HEADER)
+            if head.startswith(MAGIC):
+                return _load_stablehlo(absolute, f, head, os.fstat(f.fileno()).st_size, where)
+            if not head or MAGIC.startswith(head):
+                _fail(where, "empty or truncated (it ends inside the export's first line)")
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_ONNX_BYTES:  # checked before the rest is read: memory stays bounded
+                _fail(where, f"{size} bytes: not a patchcore-jax export (an ONNX model is at most {MAX_ONNX_BYTES})")
+            data = head + f.read(MAX_ONNX_BYTES + 1 - len(head))
     except FileNotFoundError:
         _fail(where, "no such file")
     except OSError as err:
         _fail(where, f"cannot be read ({err.strerror})")
-    if data.startswith(MAGIC):
-        return _load_stablehlo(absolute, data, where)
-    if not data or MAGIC.startswith(data):
-        _fail(where, "empty or truncated (it ends inside the export's first line)")
     return _load_onnx(absolute, data, where)
 
 
-def _load_stablehlo(path: str, data: bytes, where: str) -> ExportedModel:
-    end = data.find(b"\n", len(MAGIC), len(MAGIC) + MAX_HEADER)
+def _load_stablehlo(path: str, f, head: bytes, size: int, where: str) -> ExportedModel:
+    end = head.find(b"\n", len(MAGIC))
     if end < 0:
         _fail(where, "truncated or damaged: its metadata line is incomplete")
-    meta = _parse_metadata(data[len(MAGIC):end], where, "stablehlo")
-    payload = memoryview(data)[end + 1:]
+    meta = _parse_metadata(head[len(MAGIC):end], where, "stablehlo")
     expected = meta.get("payload_bytes")
+    if not (isinstance(expected, int) and not isinstance(expected, bool) and expected > 0):
+        _fail(where, f"its metadata's payload_bytes is not a size: {expected!r}")
+    if size - end - 1 != expected:  # checked before the program is read: memory stays bounded
+        _fail(where, f"truncated or damaged: the program holds {size - end - 1} bytes, the export wrote {expected}")
+    f.seek(end + 1)
+    payload = f.read(expected + 1)
     if len(payload) != expected:
-        _fail(where, f"truncated or damaged: the program holds {len(payload)} bytes, the export wrote {expected}")
+        _fail(where, f"changed while it was read: the program holds {len(payload)} bytes, the export wrote {expected}")
     if atomic.sha256(payload) != meta.get("payload_sha256"):
         _fail(where, "its program's checksum differs from the one recorded at export (modified or damaged)")
     try:
@@ -152,7 +162,41 @@ def _load_onnx(path: str, data: bytes, where: str) -> ExportedModel:
     if ONNX_METADATA_KEY not in props:
         _fail(where, "not a patchcore-jax export (no patchcore-jax metadata; another file, or an ONNX export "
                      "truncated before its metadata)")
-    meta = _parse_metadata(props[ONNX_METADATA_KEY], where, "onnx")
+    meta = _parse_metadata(props[ONNX_METADATA_KEY].encode("utf-8"), where, "onnx")
+    outside = _external_references(proto.graph)
+    if outside:
+        _fail(where, f"refers to data outside the file ({', '.join(sorted(outside)[:3])}); a patchcore-jax export "
+                     "is self-contained and is never read with external data")
     if atomic.sha256(proto.graph.SerializeToString(deterministic=True)) != meta.get("graph_sha256"):
         _fail(where, "its graph's checksum differs from the one recorded at export (modified or damaged)")
     return ExportedModel(path, "onnx", meta, onnx_bytes=data)
+
+
+def _external_references(graph) -> set[str]:
+    """The external-data locations named anywhere in an ONNX graph: initializers, sparse initializers,
+    tensor attributes of nodes, and subgraphs, recursively."""
+    found = set()
+
+    def tensor(t):
+        if t.data_location == 1 or len(t.external_data):  # TensorProto.EXTERNAL
+            found.update([e.value for e in t.external_data if e.key == "location"] or [t.name or "a tensor"])
+
+    def walk(g):
+        for t in g.initializer:
+            tensor(t)
+        for sp in g.sparse_initializer:
+            tensor(sp.values)
+            tensor(sp.indices)
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    tensor(a.t)
+                for t in a.tensors:
+                    tensor(t)
+                if a.HasField("g"):
+                    walk(a.g)
+                for sub in a.graphs:
+                    walk(sub)
+
+    walk(graph)
+    return found

@@ -76,10 +76,33 @@ def resolve(spec: str, *, cache_dir: str | None = None) -> str:
 
 
 def verify(path: str, spec: str = "") -> None:
-    """The Hub cache stores a large file under its sha256 (its LFS ETag): the content must match it."""
-    blob = os.path.basename(os.path.realpath(path))
-    if not _SHA256.match(blob):
-        raise ValueError(f"{path}: cannot verify the weights {spec!r}: the cache entry is not named by a sha256")
-    if atomic.file_sha256(path) != blob:
-        raise ValueError(f"{os.path.realpath(path)}: the cached weights {spec!r} do not match their sha256 "
+    """The Hub cache stores a large file under its sha256 (its LFS ETag, the Hub's record of the
+    content) in `blobs/`, and links it from `snapshots/<revision>/`: the content must match it.
+
+    A cache copied without links (`cp -rL`, scp, zip, a Windows copy) holds the snapshot as a plain
+    file beside a copy of `blobs/`: the content's sha256 must then name one of those blobs. A copy
+    without `blobs/` cannot be verified and is refused; to use such a file anyway, pass its path as
+    the weights (`--weights FILE`): a path is used as it is, unverified."""
+    real = os.path.realpath(path)
+    blob = os.path.basename(real)
+    if _SHA256.match(blob):
+        if atomic.file_sha256(path) != blob:
+            raise ValueError(f"{real}: the cached weights {spec!r} do not match their sha256 "
+                             "(damaged or modified); delete the file and download it again")
+        return
+    blobs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(real))), "blobs")
+    recorded = {name for name in _listdir(blobs) if _SHA256.match(name)}
+    if not recorded:
+        raise ValueError(f"{path}: cannot verify the weights {spec!r}: the cache entry is a plain file (a copy "
+                         f"without links?) and {blobs} holds no sha256-named blobs to check it against; copy the "
+                         "cache with its blobs/ folder, or pass the file itself as --weights FILE to use it unverified")
+    if atomic.file_sha256(path) not in recorded:
+        raise ValueError(f"{real}: the cached weights {spec!r} match no sha256 recorded in {blobs} "
                          "(damaged or modified); delete the file and download it again")
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []

@@ -43,29 +43,15 @@ import numpy as np
 from patchcore_jax._src.io import atomic
 from patchcore_jax._src.io import model_schema as schema
 from patchcore_jax._src.io.atomic import exchange  # a module name, so tests can replace it
-from patchcore_jax._src.io.model_schema import (
-    ModelFileError, parse_ensemble, parse_member, thresholds_json, thresholds_of,
+from patchcore_jax._src.io.model_schema import (  # noqa: F401 (FORMAT, FORMAT_VERSION: this module's names too)
+    ENSEMBLE, FILES, FORMAT, FORMAT_VERSION, MANIFEST, ModelFileError, layout, manifest_bytes, parse_ensemble,
+    parse_manifest, parse_member, thresholds_json, thresholds_of,
 )
 from patchcore_jax._src.model.fitted import Fitted, FittedEnsemble
 from patchcore_jax._src.version import __version__
 from patchcore_jax._src.model.images import display
 
-FORMAT = "patchcore-jax-model"
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-FILES = ("backbone.safetensors", "bank.safetensors", "config.json", "index.safetensors")
-ENSEMBLE = "ensemble.json"
-_MAX_JSON_BYTES = 1 << 20
-
-
-def _layout(names) -> set[str]:
-    """The files a folder must hold: one model's, or an ensemble's of as many members as `names` has
-    `member-i/` prefixes (numbered from 0)."""
-    names = set(names)
-    if ENSEMBLE not in names:
-        return set(FILES)
-    count = len({n.split("/", 1)[0] for n in names if "/" in n})
-    return {ENSEMBLE} | {f"member-{i}/{f}" for i in range(count) for f in FILES}
+MAX_JSON_BYTES = 1 << 20
 
 
 def _tree(folder: str) -> set[str] | None:
@@ -92,40 +78,10 @@ def _step(name: str) -> None:
     """Called between the steps of `save_model` (a fault-injection point for tests)."""
 
 
-def _manifest(files: dict[str, bytes]) -> bytes:
-    body = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "files": {name: {"bytes": len(data), "sha256": atomic.sha256(data)} for name, data in sorted(files.items())}}
-    return atomic.canonical_json({**body, "manifest_sha256": atomic.sha256(atomic.canonical_json(body))})
-
-
-def _parse_manifest(raw: bytes, where: str) -> dict[str, dict]:
-    manifest = schema.strict_json(raw, where)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelFileError(f"{where}: not a patchcore-jax model manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
-        raise ModelFileError(f"{where}: format version {version!r} " + (
-            f"is newer than this library reads ({FORMAT_VERSION}); upgrade patchcore-jax" if newer else
-            f"is not read by this library (it reads {FORMAT_VERSION}); refit the model"))
-    if set(manifest) != {"format", "format_version", "files", "manifest_sha256"}:
-        raise ModelFileError(f"{where}: unexpected fields {sorted(set(manifest) ^ {'format', 'format_version', 'files', 'manifest_sha256'})}")
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    if manifest["manifest_sha256"] != atomic.sha256(atomic.canonical_json(body)) or raw != atomic.canonical_json(manifest):
-        raise ModelFileError(f"{where}: its content does not match its own checksum (modified or damaged)")
-    files = manifest["files"]
-    if not isinstance(files, dict) or set(files) != _layout(files) or set(files) == {ENSEMBLE}:
-        raise ModelFileError(f"{where}: expected the entries of a model ({list(FILES)}) or of an ensemble, got "
-                             f"{sorted(files) if isinstance(files, dict) else files!r}")
-    for name, entry in files.items():
-        if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not isinstance(entry["sha256"], str)
-                or isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int)):
-            raise ModelFileError(f"{where}: malformed entry for {name}")
-    return files
-
-
 # -- reading ------------------------------------------------------------------------------------------
-def _read_file(dir_fd: int, name: str, where: str, limit: int | None = None) -> bytes:
+def _read_file(dir_fd: int, name: str, where: str, limit: int | None = None, *, size: int | None = None) -> bytes:
+    """A regular file's bytes, its size checked before it is read: at most `limit` bytes, or exactly
+    `size` (the manifest's record), so memory stays bounded whatever the file claims or has become."""
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
     except OSError as err:
@@ -136,7 +92,14 @@ def _read_file(dir_fd: int, name: str, where: str, limit: int | None = None) -> 
             raise ModelFileError(f"{where}: not a regular file")
         if limit is not None and st.st_size > limit:
             raise ModelFileError(f"{where}: {st.st_size} bytes is far larger than a model's {name}")
-        return f.read()
+        if size is not None and st.st_size != size:
+            raise ModelFileError(f"{where}: {st.st_size} bytes where the manifest records {size} "
+                                 "(modified, damaged or truncated)")
+        bound = size if size is not None else limit
+        data = f.read() if bound is None else f.read(bound + 1)
+        if bound is not None and len(data) > bound:
+            raise ModelFileError(f"{where}: grew while it was read")
+        return data
 
 
 def _read_verified(path: str) -> dict[str, bytes]:
@@ -149,37 +112,43 @@ def _read_verified(path: str) -> dict[str, bytes]:
     except OSError as err:
         raise ModelFileError(f"{where}: not a model folder ({err.strerror})") from None
     try:
-        top = set(os.listdir(dir_fd))
-        if MANIFEST not in top:
-            old = "config.json" in top and "bank.safetensors" in top
-            raise ModelFileError(f"{display(os.path.join(path, MANIFEST))}: missing; " + (
-                f"{where} was written by an older patchcore-jax (format 1, no manifest); refit the model" if old else
-                f"{where} is not a complete patchcore-jax model"))
-        files = _parse_manifest(_read_file(dir_fd, MANIFEST, display(os.path.join(path, MANIFEST)), _MAX_JSON_BYTES),
-                                display(os.path.join(path, MANIFEST)))
-        folders = {n.split("/", 1)[0] for n in files if "/" in n}
-        names = set()
-        for name in sorted(top - {MANIFEST}):
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode) and name in folders:
-                names |= {f"{name}/{n}" for n in os.listdir(os.path.join(path, name))}
-            else:
-                names.add(name)
-        for name in sorted(names - set(files)):
-            raise ModelFileError(f"{display(os.path.join(path, name))}: not part of the model (the manifest does not "
-                                 "list it); a model folder holds only its own files")
-        for name in sorted(set(files) - names):
-            raise ModelFileError(f"{display(os.path.join(path, name))}: missing; {where} is not a complete model")
-        out = {}
-        for name, entry in sorted(files.items(), key=lambda item: item[1]["bytes"]):  # cheap checks first
-            file_where = display(os.path.join(path, name))
-            data = _read_file(dir_fd, name, file_where)
-            if len(data) != entry["bytes"] or atomic.sha256(data) != entry["sha256"]:
-                raise ModelFileError(f"{file_where}: checksum differs from the manifest (modified, damaged or truncated)")
-            out[name] = data
-        return out
+        return _read_listed(path, where, dir_fd)
+    except (FileNotFoundError, NotADirectoryError) as err:  # replaced by a concurrent save meanwhile
+        raise ModelFileError(f"{where}: changed while it was read ({err.strerror}); try again") from None
     finally:
         os.close(dir_fd)
+
+
+def _read_listed(path: str, where: str, dir_fd: int) -> dict[str, bytes]:
+    top = set(os.listdir(dir_fd))
+    if MANIFEST not in top:
+        old = "config.json" in top and "bank.safetensors" in top
+        raise ModelFileError(f"{display(os.path.join(path, MANIFEST))}: missing; " + (
+            f"{where} was written by an older patchcore-jax (format 1, no manifest); refit the model" if old else
+            f"{where} is not a complete patchcore-jax model"))
+    files = parse_manifest(_read_file(dir_fd, MANIFEST, display(os.path.join(path, MANIFEST)), MAX_JSON_BYTES),
+                            display(os.path.join(path, MANIFEST)))
+    folders = {n.split("/", 1)[0] for n in files if "/" in n}
+    names = set()
+    for name in sorted(top - {MANIFEST}):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode) and name in folders:
+            names |= {f"{name}/{n}" for n in os.listdir(os.path.join(path, name))}
+        else:
+            names.add(name)
+    for name in sorted(names - set(files)):
+        raise ModelFileError(f"{display(os.path.join(path, name))}: not part of the model (the manifest does not "
+                             "list it); a model folder holds only its own files")
+    for name in sorted(set(files) - names):
+        raise ModelFileError(f"{display(os.path.join(path, name))}: missing; {where} is not a complete model")
+    out = {}
+    for name, entry in sorted(files.items(), key=lambda item: item[1]["bytes"]):  # cheap checks first
+        file_where = display(os.path.join(path, name))
+        data = _read_file(dir_fd, name, file_where, size=entry["bytes"])
+        if len(data) != entry["bytes"] or atomic.sha256(data) != entry["sha256"]:
+            raise ModelFileError(f"{file_where}: checksum differs from the manifest (modified, damaged or truncated)")
+        out[name] = data
+    return out
 
 
 
@@ -274,7 +243,7 @@ def check_target(path) -> None:
                          "refusing to write into it")
     try:
         with open(os.path.join(path, MANIFEST), "rb") as f:
-            manifest = json.loads(f.read(_MAX_JSON_BYTES).decode("utf-8"))
+            manifest = json.loads(f.read(MAX_JSON_BYTES).decode("utf-8"))
         ours = isinstance(manifest, dict) and manifest.get("format") == FORMAT
     except (OSError, ValueError):
         ours = False
@@ -282,7 +251,7 @@ def check_target(path) -> None:
         raise ValueError(f"{display(os.path.join(path, MANIFEST))}: not a patchcore-jax model manifest; "
                          f"refusing to replace {where}")
     tree = _tree(path)
-    foreign = sorted(n for n in (tree or set(names)) if n != MANIFEST and n not in _layout(tree or ()))
+    foreign = sorted(n for n in (tree or set(names)) if n != MANIFEST and n not in layout(tree or ()))
     if tree is None or foreign:
         name = foreign[0] if foreign else next(n for n in names if n != MANIFEST)
         raise ValueError(f"{display(os.path.join(path, name))}: is not part of the model in {where}; "
@@ -300,7 +269,7 @@ def _leftovers(path: str) -> list[str]:
 
 def _only_model_files(folder: str) -> bool:
     tree = _tree(folder)
-    return tree is not None and tree - {MANIFEST} <= _layout(tree)
+    return tree is not None and tree - {MANIFEST} <= layout(tree)
 
 
 def _tidy(path: str) -> None:
@@ -365,7 +334,7 @@ def save_model(value: Fitted | FittedEnsemble, path) -> None:
     os.makedirs(parent, exist_ok=True)
     _tidy(path)
     files = _model_files(value)
-    files[MANIFEST] = _manifest(files)
+    files[MANIFEST] = manifest_bytes(files)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     fd = os.open(tmp, os.O_RDONLY)
     try:

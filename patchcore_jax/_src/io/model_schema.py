@@ -13,6 +13,13 @@ from patchcore_jax._src.model.detector import CALIBRATION_QUANTILES, Threshold
 from patchcore_jax._src.stages.search.clustered import ClusteredIndex
 
 
+FORMAT = "patchcore-jax-model"
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+FILES = ("backbone.safetensors", "bank.safetensors", "config.json", "index.safetensors")
+ENSEMBLE = "ensemble.json"
+
+
 class ModelFileError(ValueError):
     """A model folder that is missing, incomplete, tampered with, or of another format version."""
 
@@ -117,11 +124,9 @@ def parse_member(contents: dict[str, bytes], join) -> dict:
     clustered_index = None
     if index:
         try:
-            clustered_index = ClusteredIndex.from_arrays(index)
+            clustered_index = ClusteredIndex.from_arrays(index, bank)
         except ValueError as err:
             raise ModelFileError(f"{join('index.safetensors')}: {err}") from None
-        expect(clustered_index.size == bank.shape[0] and clustered_index.rows.shape[1] == bank.shape[1],
-                join("index.safetensors"), f"an index of {clustered_index.size} rows for a bank of {bank.shape[0]}")
     return {"meta": meta, "bank": bank, "weights": weights, "clustered_index": clustered_index,
             "where": join("backbone.safetensors")}
 
@@ -147,3 +152,46 @@ def thresholds_of(meta: dict) -> tuple[Threshold | None, Threshold | None]:
     """The (image, pixel) thresholds of a checked `config.json` or `ensemble.json`."""
     t = meta["thresholds"]
     return tuple(None if t[k] is None else Threshold(float(t[k]["value"]), t[k]["rule"]) for k in ("image", "pixel"))
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+def layout(names) -> set[str]:
+    """The files a folder must hold: one model's, or an ensemble's of as many members as `names` has
+    `member-i/` prefixes (numbered from 0)."""
+    names = set(names)
+    if ENSEMBLE not in names:
+        return set(FILES)
+    count = len({n.split("/", 1)[0] for n in names if "/" in n})
+    return {ENSEMBLE} | {f"member-{i}/{f}" for i in range(count) for f in FILES}
+
+
+def manifest_bytes(files: dict[str, bytes]) -> bytes:
+    body = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "files": {name: {"bytes": len(data), "sha256": atomic.sha256(data)} for name, data in sorted(files.items())}}
+    return atomic.canonical_json({**body, "manifest_sha256": atomic.sha256(atomic.canonical_json(body))})
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, dict]:
+    manifest = strict_json(raw, where)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelFileError(f"{where}: not a patchcore-jax model manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise ModelFileError(f"{where}: format version {version!r} " + (
+            f"is newer than this library reads ({FORMAT_VERSION}); upgrade patchcore-jax" if newer else
+            f"is not read by this library (it reads {FORMAT_VERSION}); refit the model"))
+    if set(manifest) != {"format", "format_version", "files", "manifest_sha256"}:
+        raise ModelFileError(f"{where}: unexpected fields {sorted(set(manifest) ^ {'format', 'format_version', 'files', 'manifest_sha256'})}")
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    if manifest["manifest_sha256"] != atomic.sha256(atomic.canonical_json(body)) or raw != atomic.canonical_json(manifest):
+        raise ModelFileError(f"{where}: its content does not match its own checksum (modified or damaged)")
+    files = manifest["files"]
+    if not isinstance(files, dict) or set(files) != layout(files) or set(files) == {ENSEMBLE}:
+        raise ModelFileError(f"{where}: expected the entries of a model ({list(FILES)}) or of an ensemble, got "
+                             f"{sorted(files) if isinstance(files, dict) else files!r}")
+    for name, entry in files.items():
+        if (not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"} or not isinstance(entry["sha256"], str)
+                or isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int)):
+            raise ModelFileError(f"{where}: malformed entry for {name}")
+    return files

@@ -10,6 +10,10 @@ before the file is created, so even a killed run leaves a complete record of wha
   files the user put there are left alone.
 - Files are written atomically (a temporary sibling, then a rename) unless streamed on purpose
   (`open_stream`, e.g. `scores.csv`, whose rows appear as they are computed).
+- One run at a time: `claim` locks the folder (`flock`) before it reads or removes anything, and the
+  process holds the lock until it ends. A second run into a folder in use is refused at once, naming
+  the run that holds it (from the marker: command, pid, start); a run that died released its lock
+  with it, so its folder is taken again as an earlier output.
 - Folders holding the marker are never read back as input (`data.images.list_images`).
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from typing import Callable
 
 from patchcore_jax._src.io import atomic
@@ -69,15 +74,19 @@ class OutputDir:
 
     @classmethod
     def claim(cls, path, command: str, *, keep: bool = False) -> "OutputDir":
+        """Takes the folder for this process (see the module docstring); ValueError naming it, and the
+        run that holds it, when another process is writing there."""
         path = cls.check(path, command)
         os.makedirs(path, exist_ok=True)
+        _hold(path)
         marker = os.path.join(path, MARKER)
         written = _recorded(path) if os.path.exists(marker) else []
         if not keep:
             _remove(path, written)
             written = []
         with open(marker + _TMP, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"owner": "patchcore-jax", "command": command}) + "\n")
+            f.write(json.dumps({"owner": "patchcore-jax", "command": command, "pid": os.getpid(),
+                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
             for rel in written:
                 f.write(json.dumps(rel) + "\n")
         os.replace(marker + _TMP, marker)
@@ -122,13 +131,39 @@ class OutputDir:
         return open(target, "w", encoding="utf-8", newline=newline, buffering=1)
 
 
-def _owner(path: str) -> str | None:
+# Folders this process holds: a lock (`flock` on the folder itself) per folder, taken by `claim`
+# before anything in it is read or removed, and held until the process ends; the system releases it
+# when a run dies, however it dies, so a stale lock never needs clearing.
+_HELD: dict[str, int] = {}
+
+
+def _hold(path: str) -> None:
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    if not atomic.lock(fd, block=False):
+        os.close(fd)
+        head = _head(path) or {}
+        who = f"'patchcore-jax {head['command']}'" if isinstance(head.get("command"), str) else "another run"
+        pid = f" (pid {head['pid']}, started {head.get('started', '?')})" if isinstance(head.get("pid"), int) else ""
+        raise ValueError(f"{display(path)}: in use by {who}{pid}, which is still running; wait for it to end, "
+                         "or give another folder as --out")
+    _HELD[key] = fd
+
+
+def _head(path: str) -> dict | None:
     try:
         with open(os.path.join(path, MARKER), encoding="utf-8") as f:
             head = json.loads(f.readline())
     except (OSError, ValueError):
         return None
-    if isinstance(head, dict) and head.get("owner") == "patchcore-jax" and isinstance(head.get("command"), str):
+    return head if isinstance(head, dict) else None
+
+
+def _owner(path: str) -> str | None:
+    head = _head(path)
+    if head is not None and head.get("owner") == "patchcore-jax" and isinstance(head.get("command"), str):
         return head["command"]
     return None
 
@@ -162,3 +197,13 @@ def _remove(root: str, written: list[str]) -> None:
     for folder in sorted(folders, key=len, reverse=True):
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(root, folder))  # only if empty
+
+
+_FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(text: str) -> str:
+    """A text cell for a CSV file that a spreadsheet may open: one starting like a formula (`=`, `+`,
+    `-`, `@`, tab, carriage return) gets a leading apostrophe, the usual rule that makes it shown,
+    not run. Numbers are written as numbers and never pass through here."""
+    return "'" + text if text.startswith(_FORMULA_LEAD) else text

@@ -45,6 +45,25 @@ class Threshold:
     rule: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the model says about one image, in one place, so the panel, `scores.csv` and the saved
+    mask cannot disagree (see `Detector.decide`).
+
+    Attributes:
+      anomalous: True (image score strictly above the image threshold), False, or None (no image
+        threshold set: no verdict).
+      region: `(H, W)` bool, the pixels shown as defective; empty exactly when `anomalous` is False.
+      level: the map level the region lies above (inclusive at the peak), or None when it is empty.
+      rule: how the region was chosen, in words.
+    """
+
+    anomalous: bool | None
+    region: np.ndarray
+    level: float | None
+    rule: str
+
+
 class Detector:
     """Host stage, predictions and decisions; see the module docstring."""
 
@@ -159,7 +178,8 @@ class Detector:
             maps.append(pred.anomaly_map if frame == "crop" else self.frame_map(pred.anomaly_map, pred.size))
             self.report("scoring", len(scores), total)
         if not scores:
-            raise ValueError("images: expected at least one test image, got none")
+            where = f" in {os.fsdecode(images)}" if isinstance(images, (str, bytes, os.PathLike)) else ""
+            raise ValueError(f"images: expected at least one test image{where}, got none")
         return np.asarray(scores, np.float32), (np.stack(maps) if frame == "crop" else maps)
 
     # -- decisions ---------------------------------------------------------------------------------
@@ -197,7 +217,7 @@ class Detector:
         self.fit_threshold(scores, quantile=quantile)
         values = maps.ravel()
         pixel = float(np.quantile(values, quantile))
-        self.pixel_threshold = Threshold(pixel, f"quantile {quantile:g} of the map values of {len(scores)} held-out good images")
+        self.pixel_threshold = Threshold(pixel, f"quantile {quantile:g} of the map values of {len(scores)} held-out good image{'s' if len(scores) != 1 else ''}")
         qs = (0.0,) + CALIBRATION_QUANTILES
         self.calibration["good_images"] = {
             "count": int(len(scores)),
@@ -205,6 +225,37 @@ class Detector:
             "map_quantiles": {str(q): float(np.quantile(values, q)) for q in qs},
         }
         return {"image_threshold": self.threshold, "pixel_threshold": pixel, "images": int(len(scores))}
+
+    def fit_calibrated(self, images, *, held_out: float = 0.2, quantile: float = 1.0) -> dict:
+        """`fit` on every image, with thresholds that come from the training images themselves: a fold
+        of `held_out` of them (at least one, spread evenly through the input order) is scored by a
+        model fitted on the others, and `calibrate` sets the image and pixel thresholds from its scores
+        and maps (their `quantile`); then the model is fitted again on all of them. Held-out good images
+        (`calibrate`) or a labelled set (`calibrate_f1`) are better, when you have them.
+
+        Fitting twice costs about `2 - held_out` fits. Returns what was done: `{"images", "held_out",
+        "image_threshold", "pixel_threshold"}`, or `{"images", "held_out": 0}` when there are too few
+        images to hold any out (then, as after `fit`, there is no image threshold)."""
+        check_quantile(quantile)
+        if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0.0 <= held_out < 1.0:
+            raise ValueError(f"held_out: expected a fraction in [0, 1), got {held_out!r}")
+        items = [item for _, item in preprocess.iter_images(images)]
+        n = len(items)
+        k = max(1, int(round(held_out * n))) if held_out > 0 else 0
+        if k == 0 or n - k < 1 or self.bank_size_for(n - k) < self.config.num_neighbors:
+            self.fit(items)
+            return {"images": n, "held_out": 0}
+        fold = set(np.unique(np.linspace(0, n - 1, k).round().astype(int)).tolist())
+        self.fit([x for i, x in enumerate(items) if i not in fold])
+        self.calibrate([items[i] for i in sorted(fold)], quantile=quantile)
+        image, pixel, good = self.image_threshold, self.pixel_threshold, self.calibration["good_images"]
+        self.fit(items)
+        how = (f"a fold of {k} of the {n} training images, scored by a model fitted on the other {n - k} "
+               f"(the model kept is fitted on all {n})")
+        self.image_threshold = Threshold(image.value, f"{image.rule}: {how}")
+        self.pixel_threshold = Threshold(pixel.value, f"{pixel.rule}: {how}")
+        self.calibration["good_images"] = good
+        return {"images": n, "held_out": k, "image_threshold": image.value, "pixel_threshold": pixel.value}
 
     def calibrate_f1(self, images, labels, masks=None, *, mask_rule: str = "published") -> dict:
         """A labelled validation set sets the F1-optimal thresholds (anomalib's "adaptive" ones): the
@@ -237,6 +288,41 @@ class Detector:
             raise ValueError("threshold: not set; call calibrate(held-out good images) or fit_threshold(scores) first")
         return np.asarray(scores) > self.threshold
 
+    def decide(self, score: float, anomaly_map: np.ndarray) -> Decision:
+        """The one decision rule (panel title, `scores.csv`'s `anomalous` and the saved mask follow it):
+
+        - the verdict is the image score against the image threshold (strictly above: anomalous);
+        - an image judged fine shows no region, whatever its map;
+        - an image judged anomalous shows where: the pixels whose map value is above the pixel threshold
+          or, when none is (the image score and the blurred map can disagree), the peak of its map, the
+          pixels above half way from the nominal level (`color_scale()[0]`) to the map's maximum;
+        - without an image threshold there is no verdict, and the region is the pixels above the pixel
+          threshold.
+        NaN map values (outside the inspected crop) are never part of the region.
+
+        DECISION: the image score decides, not the map, because the image score is the paper's
+        (Eq. 7) and the one its thresholds (held-out, F1-optimal) are set on; the map only says where.
+        """
+        amap = np.asarray(anomaly_map, np.float64)
+        finite = np.isfinite(amap)
+        pixel = self.pixel_threshold.value
+        if self.image_threshold is None:
+            region = finite & (np.where(finite, amap, -np.inf) > pixel)
+            return Decision(None, region, pixel if region.any() else None, "no image threshold: no verdict; the "
+                            "region is the map above the pixel threshold")
+        if not float(score) > self.image_threshold.value:
+            return Decision(False, np.zeros(amap.shape, bool), None, "judged fine: no region")
+        values = np.where(finite, amap, -np.inf)
+        peak = float(values.max()) if finite.any() else -np.inf
+        if peak > pixel:
+            return Decision(True, values > pixel, pixel, "the map above the pixel threshold")
+        low = self.scale_low()
+        if peak > low:
+            level = low + 0.5 * (peak - low)
+            return Decision(True, values > level, level, "no pixel above the pixel threshold: the peak of the map "
+                                                         "(above half way from the nominal level to its maximum)")
+        return Decision(True, finite & (values >= peak), peak, "no pixel above the pixel threshold: the map's maximum")
+
     def color_scale(self) -> tuple[float, float, float]:
         """`(low, pixel threshold, high)` of the heatmap colours, fixed by the model: `low` is the median
         nominal patch score recorded at fit, the pixel threshold sits in the middle of the scale, and
@@ -247,16 +333,18 @@ class Detector:
         return low, mid, 2.0 * mid - low
 
     def normalized_scores(self, scores) -> np.ndarray | None:
-        """Image scores mapped so that the median held-out good score is 0, the image threshold 0.5,
-        and `threshold + (threshold - median)` 1, clipped to [0, 1]; None without a threshold. Without
-        held-out good images, the median is taken as 0 (a plain `0.5 * score / threshold`)."""
+        """Image scores on a scale read the same for every model: a linear map that puts the median
+        held-out good score at 0, the image threshold at 0.5 and `threshold + (threshold - median)` at
+        1. It is not clipped (so no information is lost): below 0 is more normal than the median good
+        image, above 0.5 is anomalous, above 1 far beyond the threshold. None without a threshold.
+        Without held-out good images the median is taken as 0 (a plain `0.5 * score / threshold`)."""
         if self.image_threshold is None:
             return None
         good = self.calibration.get("good_images")
         low = good["image_score_quantiles"]["0.5"] if good else 0.0
         t = self.image_threshold.value
         span = t - low if t > low else max(abs(t), 1e-12)
-        return np.clip(0.5 + 0.5 * (np.asarray(scores, np.float64) - t) / span, 0.0, 1.0)
+        return 0.5 + 0.5 * (np.asarray(scores, np.float64) - t) / span
 
 
 

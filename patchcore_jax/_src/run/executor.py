@@ -86,15 +86,7 @@ class Executor:
         outs = []
         for start in range(0, b, size):
             chunk = rows(crops, start, min(start + size, b))
-            n = chunk.shape[0]
-            if self.mesh is not None:
-                host = jax.device_get(chunk) if isinstance(chunk, jax.Array) else np.asarray(chunk)
-                feats = sharding.embed_data_parallel(self.embed_fn, self.state, pad_host(host, size), self.mesh)
-            elif isinstance(chunk, jax.Array):
-                feats = self.embed_fn(self.state, pad_device(chunk, size) if n < size else chunk)
-            else:
-                feats = self.embed_fn(self.state, jax.device_put(pad_host(np.asarray(chunk), size)))
-            outs.append(rows(feats, 0, n))
+            outs.append(rows(self.embed_padded(chunk), 0, chunk.shape[0]))
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
     # -- the bank and its index ----------------------------------------------------------------------
@@ -198,12 +190,40 @@ class Executor:
         the search, scores and maps from the scoring thread; returns the call that waits for the
         checked host `(scores (B,), maps (B, crop, crop))`.
 
+        Every stage runs the one compiled batch size: a short batch is padded to `batch_size` before
+        the backbone and the padded rows are dropped on the host, so after a model's first call no
+        number of images compiles anything more.
+
         DECISION: a scoring thread, because XLA runs programs dispatched from different threads at the
         same time and the exact search with the clustered index is a loop on one CPU core: on a CPU,
         batch i's search then runs beside batch i + 1's backbone, which uses every core (predict end to
         end, WRN50-2 at 224 on 2 cores: 166 ms per image against 179 ms dispatched from one thread)."""
-        feats = self.embed(crops)
-        return self._scoring_thread().submit(self.score_features, index, feats).result
+        b, size = crops.shape[0], self.config.batch_size
+        fetches = []
+        for start in range(0, b, size):
+            chunk = rows(crops, start, min(start + size, b))
+            n = chunk.shape[0]
+            feats = self.embed_padded(chunk)
+            fetches.append((n, self._scoring_thread().submit(self.score_features, index, feats).result))
+
+        def fetch():
+            parts = [(s[:n], m[:n]) for n, f in fetches for s, m in [f()]]
+            if len(parts) == 1:
+                return parts[0]
+            return np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts])
+
+        return fetch
+
+    def embed_padded(self, chunk) -> jax.Array:
+        """uint8 crops `(n, crop, crop, 3)` with `n <= batch_size` -> patch features `(batch_size, h, w, D)`
+        on the device, the rows after `n` those of zero crops."""
+        size = self.config.batch_size
+        if self.mesh is not None:
+            host = jax.device_get(chunk) if isinstance(chunk, jax.Array) else np.asarray(chunk)
+            return sharding.embed_data_parallel(self.embed_fn, self.state, pad_host(host, size), self.mesh)
+        if isinstance(chunk, jax.Array):
+            return self.embed_fn(self.state, pad_device(chunk, size) if chunk.shape[0] < size else chunk)
+        return self.embed_fn(self.state, jax.device_put(pad_host(np.asarray(chunk), size)))
 
     def _scoring_thread(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._scorer is None:

@@ -132,13 +132,30 @@ def labelled_samples(folder: str, ground_truth: str, *, prefix: str) -> list[Sam
     return samples
 
 
+def validation_layout(folder: str) -> tuple[str, str | None]:
+    """Where a labelled validation set's images and masks are: `(test folder, ground-truth folder or
+    None)`. Accepts MVTec AD's layout at either level: a category folder (`folder/test/<kind>/` with
+    `folder/ground_truth/<kind>/<name>_mask.png`), its `test/` folder (masks in the sibling
+    `../ground_truth/`), or a folder holding `good/`, defect folders and its own `ground_truth/`."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{display(folder)}: missing folder")
+    test = folder
+    if not os.path.isdir(os.path.join(folder, "good")) and os.path.isdir(os.path.join(folder, "test")):
+        test = os.path.join(folder, "test")  # a category folder
+    for gt in (os.path.join(test, "ground_truth"), os.path.join(os.path.dirname(os.path.abspath(test)), "ground_truth")):
+        if os.path.isdir(gt):
+            return test, gt
+    return test, None
+
+
 def labelled_folder(folder: str) -> tuple[list[str], np.ndarray, list[str | None] | None]:
-    """A user's labelled validation folder (MVTec's test layout, masks in `folder/ground_truth` when
-    present): `(image paths, labels (N,), mask paths or None per image, or None without masks)`."""
-    samples = labelled_samples(folder, os.path.join(folder, "ground_truth"), prefix=os.path.basename(folder))
-    has_masks = os.path.isdir(os.path.join(folder, "ground_truth"))
+    """A user's labelled validation folder in MVTec's layout (see `validation_layout`): `(image paths,
+    labels (N,), mask paths or None per image, or None without masks)`."""
+    test, gt = validation_layout(folder)
+    samples = labelled_samples(test, gt or os.path.join(test, "ground_truth"), prefix=os.path.basename(test))
     return ([s.image for s in samples], np.array([s.label for s in samples]),
-            [s.mask for s in samples] if has_masks else None)
+            [s.mask for s in samples] if gt is not None else None)
 
 
 def mtd(root: str, *, seed: int = 0, holdout: float = 0.2) -> list[Category]:

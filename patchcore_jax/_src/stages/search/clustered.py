@@ -40,10 +40,10 @@ import numpy as np
 
 from patchcore_jax._src.stages import checks
 from patchcore_jax._src.stages.search import brute as neighbors
-from patchcore_jax._src.stages.search import common
+from patchcore_jax._src.stages.search import common, index_checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_NO_ID = np.iinfo(np.int32).max  # the id of padding slots: sorts after every real id
+_NO_ID = index_checks.NO_ID  # the id of padding slots: sorts after every real id
 _LEAF_MULTIPLE = 16
 # Candidates kept beyond k for the exact re-ranking: fewer than brute force needs, since keys are
 # formed in a leaf's local coordinates and their error bound is small against the distances.
@@ -93,25 +93,32 @@ class ClusteredIndex:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ClusteredIndex":
-        """The inverse of `to_arrays`; ValueError naming the key that is missing or inconsistent."""
+    def from_arrays(cls, arrays: dict[str, np.ndarray], bank: np.ndarray | None = None) -> "ClusteredIndex":
+        """The inverse of `to_arrays`; ValueError naming the key that is missing or inconsistent
+        (`index_checks`), and, given the `(N, D)` bank it was built on, naming any stored row that is
+        not the bank's."""
         names = ("rows", "sq_norms", "ids", "slots", "centroids", "radii", "centre", "log2_scale", "size",
                  "leaf_size", "format_version")
         missing = [n for n in names if n not in arrays]
         if missing:
             raise ValueError(f"arrays: missing {missing} for a ClusteredIndex")
-        version = int(np.asarray(arrays["format_version"]))
+        version = index_checks.scalar_int(arrays, "format_version", 0, 2**31)
         if version > FORMAT_VERSION:
             raise ValueError(f"arrays: format_version {version} is newer than this library reads ({FORMAT_VERSION})")
-        size, leaf = int(np.asarray(arrays["size"])), int(np.asarray(arrays["leaf_size"]))
+        size = index_checks.scalar_int(arrays, "size", 1, 2**31 - 2)
+        leaf = index_checks.scalar_int(arrays, "leaf_size", 1, 2**20)
         rows = np.asarray(arrays["rows"])
-        leaves = np.asarray(arrays["centroids"]).shape[0]
-        expect = {"rows": (leaves * leaf, rows.shape[1] if rows.ndim == 2 else -1), "sq_norms": (leaves * leaf,),
-                  "ids": (leaves * leaf,), "slots": (size,), "radii": (leaves,), "centre": (rows.shape[-1],),
-                  "log2_scale": ()}
+        centroids = np.asarray(arrays["centroids"])
+        if rows.ndim != 2 or centroids.ndim != 2:
+            raise ValueError(f"arrays['rows'], arrays['centroids']: expected 2-D, got shapes {rows.shape}, {centroids.shape}")
+        leaves = centroids.shape[0]
+        expect = {"rows": (leaves * leaf, rows.shape[1]), "sq_norms": (leaves * leaf,), "ids": (leaves * leaf,),
+                  "slots": (size,), "centroids": (leaves, rows.shape[1]), "radii": (leaves,),
+                  "centre": (rows.shape[1],), "log2_scale": ()}
         for name, shape in expect.items():
             if np.asarray(arrays[name]).shape != shape:
                 raise ValueError(f"arrays[{name!r}]: expected shape {shape}, got {np.asarray(arrays[name]).shape}")
+        index_checks.check_clustered_arrays(arrays, bank)
         return cls(**{n: jax.device_put(np.asarray(arrays[n])) for n in names[:8]}, size=size, leaf_size=leaf)
 
     # The index protocol (`search.common`): what `search.index` and `scoring` call on any index.
