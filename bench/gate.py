@@ -14,7 +14,7 @@ so the load of a shared machine falls on both alike. The table gives per stage t
 a verdict; compile time and peak memory are rows of their own. The same run compares every stage's
 outputs between the two revisions against the tests' tolerance table (`tests/helpers.py`) and names
 each stage whose numbers moved. Exit status: 1 when a stage got slower beyond the threshold or its
-numbers drifted (or the candidate failed a stage), 0 otherwise, 2 for a misuse. See docs/gate.md.
+numbers drifted (or the candidate failed a stage), 0 otherwise, 2 for a misuse. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -77,6 +77,11 @@ def measure(tree: str, mode: dict, work: str, tag: str, *, outputs: bool) -> dic
            "--min-time", str(mode["min_time"]), "--out", out] + (["--outputs", npz] if outputs else ["--no-memory"])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = tree
+    # No persistent compilation cache (a test run or the command line may have one in the environment):
+    # the compile rows measure compiling, and the second revision must not read the first's programs.
+    for key in ("JAX_COMPILATION_CACHE_DIR", "PATCHCORE_JAX_COMPILATION_CACHE"):
+        env.pop(key, None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     # glibc adapts its mmap threshold as a process frees large blocks, so one process maps (and
     # page-faults) a stage's output on every call and the next reuses heap pages: the same code then
     # ran anomaly_maps at 0.6 or 1.2 ms by process. A fixed threshold (the largest glibc takes) and no

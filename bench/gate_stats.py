@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 
 # Thresholds: run time 10% (what a maintainer would act on; below that, a 2-core machine shared with
-# other jobs cannot tell it from noise in 4 rounds, see docs/gate.md); compile time 25% (compiling is
+# other jobs cannot tell it from noise in 4 rounds, see docs/benchmarks.md); compile time 25% (compiling is
 # single-threaded and meets the load unevenly); peak memory 10% and, beyond that, at least 0.5 MiB
 # where XLA's buffer assignment gives it (exact) and 32 MiB where the resident set has to (the
 # allocator moves small footprints by several MiB from process to process).
