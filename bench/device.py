@@ -233,7 +233,7 @@ def gate_check(tiny: bool, save_dir: str | None = None) -> dict:
     from bench import gate
 
     mode_name = "smoke" if tiny else "full"
-    mode = dict(gate.MODES[mode_name], rounds=1 if tiny else 3)
+    mode = dict(gate.MODES[mode_name], rounds=0 if tiny else 4)
     with tempfile.TemporaryDirectory(prefix="device-gate-") as work:
         results = gate.run_rounds({"candidate": str(gate.ROOT)}, mode, work, log=lambda msg: None)["candidate"]
     env = results[0]["env"]

@@ -40,8 +40,8 @@ from bench.gate_stages import STAGES  # noqa: E402
 
 WORKER = ROOT / "bench" / "gate_stages.py"
 BASELINES = ROOT / "bench" / "baselines"
-MODES = {  # rounds per revision, timed calls per stage (at least), seconds per stage (at least)
-    "smoke": dict(size="smoke", rounds=1, repeats=1, min_time=0.0),
+MODES = {  # warm rounds per revision, timed calls per stage (at least), seconds per stage (at least)
+    "smoke": dict(size="smoke", rounds=0, repeats=1, min_time=0.0),
     "quick": dict(size="quick", rounds=4, repeats=5, min_time=0.3),
     "full": dict(size="full", rounds=5, repeats=3, min_time=1.0),
 }
@@ -68,23 +68,24 @@ def checkout(rev: str):
             os.rmdir(tmp)
 
 
-def measure(tree: str, mode: dict, work: str, tag: str, *, outputs: bool, label: str | None = None) -> dict:
-    """One round: a fresh process times every stage of `tree`'s patchcore_jax. The first round of each
-    revision (`outputs=True`) compiles from nothing (the compile rows), keeps its outputs (the drift
-    check) and measures memory (exact where XLA reports it, so once is enough); the later rounds read
-    its compiled programs back from the revision's cache (`label`, default `tag`)."""
-    label = label or tag
-    out, npz = os.path.join(work, f"{tag}.json"), os.path.join(work, f"{tag}.npz")
+def start(tree: str, mode: dict, work: str, tag: str, *, outputs: bool, label: str | None = None) -> tuple:
+    """Starts one round: a fresh process that times every stage of `tree`'s patchcore_jax (`finish`
+    collects it). The first round of each revision (`outputs=True`) compiles from nothing (the compile
+    rows), keeps its outputs (the drift check) and measures memory (exact where XLA reports it, so once
+    is enough); the later rounds read its compiled programs back from the revision's cache (`label`)."""
+    out, npz, log = (os.path.join(work, f"{tag}.{ext}") for ext in ("json", "npz", "log"))
     cmd = [sys.executable, str(WORKER), "--size", mode["size"], "--repeats", str(mode["repeats"]),
            "--min-time", str(mode["min_time"]), "--out", out] + (["--outputs", npz] if outputs else ["--no-memory"])
+    if mode.get("stages"):
+        cmd += ["--only", *mode["stages"]]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = tree
     # Compiling is most of a process's time on a loaded machine, and the run time of a stage does not
     # depend on it: each revision gets a persistent compilation cache of its own (never one from the
     # environment: a test run or the command line may set one, and the revisions must not share), empty
-    # for its first round, which measures compiling (and fills it), read back by the later rounds.
+    # for its cold round, which measures compiling (and fills it), read back by the warm rounds.
     env.pop("PATCHCORE_JAX_COMPILATION_CACHE", None)
-    env.update(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=os.path.join(work, f"cache-{label}"),
+    env.update(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=os.path.join(work, f"cache-{label or tag}"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     # glibc adapts its mmap threshold as a process frees large blocks, so one process maps (and
     # page-faults) a stage's output on every call and the next reuses heap pages: the same code then
@@ -92,9 +93,17 @@ def measure(tree: str, mode: dict, work: str, tag: str, *, outputs: bool, label:
     # trimming measure the arithmetic, for both revisions alike.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20))
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**30))
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not os.path.exists(out):
-        raise RuntimeError(f"the measuring process for {tree} failed:\n{proc.stderr[-3000:]}")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=err, stderr=subprocess.STDOUT)
+    return proc, tree, out, npz, log, outputs
+
+
+def finish(started: tuple) -> dict:
+    """The result of a round `start`ed: the worker's figures, `cold`, and `outputs` for the first round."""
+    proc, tree, out, npz, log, outputs = started
+    if proc.wait() != 0 or not os.path.exists(out):
+        with open(log) as f:
+            raise RuntimeError(f"the measuring process for {tree} failed:\n{f.read()[-3000:]}")
     with open(out) as f:
         result = json.load(f)
     found = result["env"]["patchcore_jax_file"]
@@ -121,7 +130,8 @@ def per_round(results: list[dict]) -> dict:
     from the rounds of one revision: each round's best call, the compile time of the round that
     compiled from nothing (CPU time of the first call less the best call) and the peak memory."""
     out = {}
-    for name in STAGES:
+    timed = [r for r in results if not r.get("cold", True)] or results  # the warm rounds, where there are any
+    for name in (n for n in STAGES if any(n in r["stages"] for r in results)):
         rows = {"time": [], "wall": [], "compile": [], "memory": [], "error": None, "memory_source": "rss"}
         for r in results:
             s = r["stages"].get(name)
@@ -130,9 +140,10 @@ def per_round(results: list[dict]) -> dict:
             if "error" in s:
                 rows["error"] = s["error"]
                 continue
-            rows["time"].append(min(s["cpu_s"]))
-            rows["wall"].append(min(s["wall_s"]))
-            if r.get("cold", True):  # the later rounds read their programs from the cache
+            if any(r is t for t in timed):
+                rows["time"].append(min(s["cpu_s"]))
+                rows["wall"].append(min(s["wall_s"]))
+            if r.get("cold", True):  # the warm rounds read their programs from the cache
                 rows["compile"].append(max(s["first_cpu_s"] - min(s["cpu_s"]), 0.0))
             if s.get("peak_mb") is not None:
                 rows["memory"].append(s["peak_mb"])
@@ -144,7 +155,7 @@ def per_round(results: list[dict]) -> dict:
 def compare(base: dict, cand: dict, *, metric: str = "time", verdicts: bool = True, threshold=None) -> list[dict]:
     """The table's rows: per stage its run time, then compile time and peak memory as rows of their own."""
     rows = []
-    for name in STAGES:
+    for name in (n for n in STAGES if n in cand):
         b, c = base.get(name), cand.get(name)
         source = (c or {}).get("memory_source", "rss")
         for kind, key, label in (("time", metric, name), ("compile", "compile", f"{name} [compile]"),
@@ -225,14 +236,20 @@ def table(rows: list[dict], drifted: dict, base_label: str, cand_label: str) -> 
 
 
 def run_rounds(trees: dict, mode: dict, work: str, log) -> dict:
-    """`{label: [round results]}`; labels alternate within a round and swap order every round."""
+    """`{label: [round results]}`: first one cold round per revision, all of them at once (each compiles
+    from nothing: the compile rows, the outputs and the memory; compiling is one thread, so together
+    they keep 2 cores busy, and the load falls on them alike); then `mode["rounds"]` warm rounds each,
+    the revisions alternating and swapping order every round (B C, C B, ...): the time rows. With no
+    warm rounds (smoke), the cold round gives the time rows too."""
     labels = list(trees)
-    results = {label: [] for label in labels}
+    t0 = time.perf_counter()
+    started = [start(trees[lb], mode, work, f"{lb}-cold", outputs=True, label=lb) for lb in labels]
+    results = {lb: [finish(st)] for lb, st in zip(labels, started)}
+    log(f"compiled and measured {', '.join(labels)} from nothing, together, in {time.perf_counter() - t0:.1f} s")
     for r in range(mode["rounds"]):
-        order = labels if r % 2 == 0 else labels[::-1]
-        for label in order:
+        for label in (labels if r % 2 == 0 else labels[::-1]):
             t0 = time.perf_counter()
-            results[label].append(measure(trees[label], mode, work, f"{label}-{r}", outputs=(r == 0), label=label))
+            results[label].append(finish(start(trees[label], mode, work, f"{label}-{r}", outputs=False, label=label)))
             log(f"round {r + 1}/{mode['rounds']}: {label} measured in {time.perf_counter() - t0:.1f} s")
     return results
 
@@ -246,9 +263,12 @@ def baseline_record(results: list[dict], mode_name: str, sha: str | None) -> dic
                         for k, s in ((k, _sample(v)) for k, v in results[0]["outputs"].items())}}
 
 
-def comparable(stored: dict, env: dict, mode_name: str) -> str | None:
+def comparable(stored: dict, env: dict | None, mode_name: str) -> str | None:
+    """Why a stored baseline cannot be compared with this run (None when it can); env None: the mode only."""
     if stored["mode"] != mode_name:
         return f"the baseline was measured in {stored['mode']} mode, this run is {mode_name}"
+    if env is None:
+        return None
     if stored["device"] != device_name(env) or stored["env"]["backend"] != env["backend"]:
         return f"the baseline is of {stored['device']} ({stored['env']['backend']}), this device is {device_name(env)}"
     return None
@@ -261,9 +281,11 @@ def main(argv=None) -> int:
     parser.add_argument("--save", nargs="?", const="", metavar="FILE",
                         help="save the working tree's figures (default bench/baselines/<device>.json)")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sizes, 4 rounds: under 5 minutes on 2 cores")
+    size.add_argument("--quick", action="store_true", help="small sizes, 4 warm rounds each: under 5 minutes on 2 cores")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round, no timing verdict (the tests)")
-    parser.add_argument("--rounds", type=int, help="rounds per revision (default: 4 quick, 5 full)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, metavar="STAGE",
+                        help=f"these stages only (default all: {', '.join(STAGES)})")
+    parser.add_argument("--rounds", type=int, help="warm rounds per revision, after the cold one (default: 4 quick, 5 full)")
     parser.add_argument("--metric", choices=("time", "wall"), default="time",
                         help="time: CPU time of the process (default; steadier under load); wall: elapsed")
     parser.add_argument("--threshold", type=float, help=f"run-time threshold (default {gate_stats.THRESHOLDS['time']})")
@@ -277,6 +299,8 @@ def main(argv=None) -> int:
     mode = dict(MODES[mode_name])
     if args.rounds:
         mode["rounds"] = args.rounds
+    if args.stages:
+        mode["stages"] = list(args.stages)
     verdicts = mode_name != "smoke"
     start = time.perf_counter()
 
@@ -287,6 +311,10 @@ def main(argv=None) -> int:
     if args.baseline:
         with open(args.baseline) as f:
             stored = json.load(f)
+        problem = comparable(stored, None, mode_name)
+        if problem:  # before measuring anything
+            print(f"gate: cannot compare with {args.baseline}: {problem}", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="gate-") as work, contextlib.ExitStack() as stack:
         trees, base_label, sha = {"candidate": str(ROOT)}, None, None
         if args.against:

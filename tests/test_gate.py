@@ -38,6 +38,10 @@ def test_ratio_and_verdicts():
     # Large but not real: one noisy round does not make a verdict.
     assert gate_stats.verdict("time", base, [1.0, 1.5, 0.98, 1.03])["verdict"] == "same"
     assert gate_stats.verdict("time", [1.0], [2.0])["verdict"] == "no verdict"
+    # Compiling is measured once per revision: a coarse guard, 50% and half a second of CPU time.
+    assert gate_stats.verdict("compile", [2.0], [3.5])["verdict"] == "slower"
+    assert gate_stats.verdict("compile", [2.0], [2.8])["verdict"] == "same"
+    assert gate_stats.verdict("compile", [0.2], [0.6])["verdict"] == "same"
     assert gate_stats.verdict("memory", [100.0], [130.0], memory_source="xla")["verdict"] == "slower"
     assert gate_stats.verdict("memory", [100.0], [120.0], memory_source="rss")["verdict"] == "same"  # < 32 MiB
 
@@ -80,6 +84,7 @@ def test_smoke_gate_of_head_against_the_working_tree(tmp_path):
     assert [r["of"] for r in report["rows"] if r["kind"] == "time"] == list(STAGES)
     assert not report["failed"], report["failed"]
     assert all(r["verdict"] == "no verdict" for r in rows.values())  # smoke: no timing verdict
+    assert all(r["base"] > 0 and r["candidate"] > 0 for r in rows.values() if r["kind"] != "memory")
     for key in ("backend", "device_kind", "jax", "jaxlib"):
         assert report["candidate_env"][key] and report["base_env"][key]
     # The array stages' memory comes from XLA, exactly: the same code gives the same figure.
@@ -88,8 +93,20 @@ def test_smoke_gate_of_head_against_the_working_tree(tmp_path):
                              text=True).stdout.strip()
     if not changed:  # unchanged numerics: nothing may drift, and the gate passes
         assert report["drifted"] == {} and status == 0
-    # The saved baseline compares back against a new run of the same tree.
+
+    # The saved baseline is keyed by this device and its JAX; compared back against a new run of two
+    # stages, with one stage's stored outputs moved: that stage, and only that one, is named.
     record = json.loads(baseline.read_text())
     assert record["mode"] == "smoke" and record["device"] == gate.device_name(record["env"])
-    assert gate.main(["--smoke", "--baseline", str(baseline), "--json", str(report_path)]) == 0
-    assert json.loads(report_path.read_text())["drifted"] == {}
+    assert all(record["env"][k] for k in ("backend", "device_kind", "jax", "jaxlib"))
+    assert set(record["rounds"]) == set(STAGES) and record["commit"]
+    moved = record["outputs"]["anomaly_maps.0"]
+    moved["values"] = [v + 1.0 for v in moved["values"]]
+    baseline.write_text(json.dumps(record))
+    status = gate.main(["--smoke", "--baseline", str(baseline), "--stages", "aggregate_patches", "anomaly_maps",
+                        "--json", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert {r["of"] for r in report["rows"]} == {"aggregate_patches", "anomaly_maps"}
+    assert set(report["drifted"]) == {"anomaly_maps"} and status == 1
+    # A baseline of another mode is refused (exit 2) rather than compared.
+    assert gate.main(["--quick", "--baseline", str(baseline), "--stages", "anomaly_maps"]) == 2
