@@ -37,6 +37,9 @@ def test_ratio_and_verdicts():
     assert gate_stats.verdict("time", base, [1.05 * b for b in base])["verdict"] == "same"
     # Large but not real: one noisy round does not make a verdict.
     assert gate_stats.verdict("time", base, [1.0, 1.5, 0.98, 1.03])["verdict"] == "same"
+    # Every candidate round above every base round, ratio 1.15, but the rounds overlap within 5%: not named.
+    assert gate_stats.verdict("time", [1.0, 1.01, 1.02, 1.03], [1.06, 1.15, 1.2, 1.25])["verdict"] == "same"
+    assert gate_stats.verdict("time", [1.0, 1.01, 1.02, 1.03], [1.09, 1.15, 1.2, 1.25])["verdict"] == "slower"
     assert gate_stats.verdict("time", [1.0], [2.0])["verdict"] == "no verdict"
     # Compiling is measured once per revision: a coarse guard, 50% and half a second of CPU time.
     assert gate_stats.verdict("compile", [2.0], [3.5])["verdict"] == "slower"
