@@ -1,15 +1,47 @@
 """One process of the two-process test: joins `jax.distributed` on localhost (CPU collectives over
 gloo), holds half of a row-sharded bank, runs the sharded coreset, search and scores, and prints them
-next to a single-device computation on the full bank, as JSON."""
+next to a single-device computation on the full bank, as JSON. Then it fits `PatchCore(CONFIG,
+mesh="all")` on its own share of the training images of a folder and scores its own share of the test
+images, and writes the bank, scores and maps to `<out>.<process>.npz` (the test compares them with one
+process fitted on all the images)."""
 
 import json
+import os
 import sys
+import warnings
 
 import jax
 import numpy as np
 
 
-def main(process_id: int, port: int) -> None:
+# The model of the two-process fit (the test fits the same on one process).
+CONFIG = dict(backbone="resnet18", resize=64, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3, batch_size=2)
+
+
+def fit_and_predict(folder: str, out: str) -> None:
+    """Fits on this process's share of `folder/train` and scores its share of `folder/test`."""
+    from patchcore_jax import PatchCore, PatchCoreConfig
+    from patchcore_jax.sharding import process_share
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-initialisation warning
+        model = PatchCore(PatchCoreConfig(**CONFIG), progress=False, mesh="all")
+    model.fit(process_share(os.path.join(folder, "train")))
+    test = process_share(os.path.join(folder, "test"))
+    scores, maps = model.predict(test)
+    # An unreadable file on process 1 stops both: process 1 with its own error, process 0 told so.
+    broken = test[:1] + [os.path.join(folder, "broken.png")] if jax.process_index() == 1 else test[:2]
+    try:
+        model.predict(broken)
+        error = ""
+    except Exception as err:
+        error = type(err).__name__
+    features = model.embed_crops(np.stack([model.prepare(t) for t in test]))  # a collective call too
+    np.savez(f"{out}.{jax.process_index()}.npz", bank=model.fitted().bank, scores=scores, maps=maps,
+             names=np.array([os.path.basename(t) for t in test]), error=np.array(error), features=features)
+
+
+def main(process_id: int, port: int, folder: str | None = None, out: str | None = None) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     import patchcore_jax as pj
@@ -40,8 +72,10 @@ def main(process_id: int, port: int) -> None:
         "max_dist_diff": float(np.abs(np.asarray(dist) - np.asarray(want_d)).max()),
         "max_score_diff": float(np.abs(np.asarray(scores) - np.asarray(want_s)).max()),
     }))
+    if folder is not None:
+        fit_and_predict(folder, out)
     jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:5])

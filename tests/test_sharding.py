@@ -81,27 +81,52 @@ def test_bank_stays_sharded(mesh):
     assert sharding.shard_rows(sharded, mesh) is sharded  # an already sharded bank is used as it is
 
 
-def test_patchcore_with_a_mesh_matches_one_device(mesh):
+@pytest.fixture(scope="module")
+def one_process():
+    """The synthetic images, and a model fitted on one device on all the training images, with its
+    scores and maps of all the test images (the two-process test's reference)."""
+    from patchcore_jax._src.api.patchcore import PatchCore
     from patchcore_jax._src.model.config import PatchCoreConfig
     from patchcore_jax.data import make_synthetic
-    from patchcore_jax._src.api.patchcore import PatchCore
+    from tests.multiprocess_worker import CONFIG
 
     data = make_synthetic(seed=3, n_train=5, n_test_good=2, n_test_defect=3, size=80, margin=16)
-    cfg = PatchCoreConfig(backbone="resnet18", resize=64, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3,
-                          batch_size=4)
+    cfg = PatchCoreConfig(**CONFIG)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         single = PatchCore(cfg, progress=False).fit(data["train"])
+    scores, maps = single.predict(data["test"])
+    return dict(data=data, cfg=cfg, model=single, scores=scores, maps=maps)
+
+
+def test_patchcore_with_a_mesh_matches_one_device(mesh, one_process):
+    from patchcore_jax._src.api.patchcore import PatchCore
+
+    data, cfg, single = one_process["data"], one_process["cfg"], one_process["model"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         multi = PatchCore(cfg, progress=False, mesh=mesh).fit(data["train"])
     np.testing.assert_allclose(np.asarray(multi.bank), np.asarray(single.bank), rtol=1e-5, atol=1e-5)
-    s1, m1 = single.predict(data["test"])
     s2, m2 = multi.predict(data["test"])
-    assert_close(s2, s1)
-    assert_close(m2, m1)
+    assert_close(s2, one_process["scores"])
+    assert_close(m2, one_process["maps"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         everywhere = PatchCore(cfg, progress=False, mesh="all")
     assert everywhere.mesh.size == len(jax.devices())
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 6, 7])
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_process_shares_are_contiguous_blocks_in_order(n, processes):
+    from patchcore_jax.sharding import process_share
+
+    items = [f"{i:02d}.png" for i in range(n)]
+    shares = [process_share(items, process_index=p, process_count=processes) for p in range(processes)]
+    assert sum(shares, []) == items
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="process_index"):
+        process_share(items, process_index=processes, process_count=processes)
 
 
 def _free_port():
@@ -110,17 +135,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_each_holding_half_the_bank():
+def test_two_processes_each_holding_half_the_bank_and_fitting_on_their_share(tmp_path, one_process):
+    from PIL import Image
+
+    data = one_process["data"]
+    for part in ("train", "test"):
+        os.makedirs(tmp_path / part)
+        for i, image in enumerate(data[part]):
+            Image.fromarray(image).save(tmp_path / part / f"{i:02d}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a PNG")
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port)], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    out = str(tmp_path / "result")
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), str(tmp_path), out],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out_text, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    results = [json.loads(next(line for line in out_text.splitlines() if line.startswith('{"process"')))
+               for out_text, _ in outs]
     for r in results:
         assert r["devices"] == 4 and r["local_rows"] == 200  # half of the 400 rows on each process
         assert r["coreset_equal"] and r["indices_equal"]
         assert r["max_dist_diff"] < 1e-5 and r["max_score_diff"] < 1e-5
+    # Fit and predict: 5 training and 5 test images over 2 processes, 3 and 2 each (batch size 2, so
+    # process 1 takes part in a step with no images of its own).
+    got = [np.load(f"{out}.{i}.npz") for i in range(2)]
+    np.testing.assert_array_equal(got[0]["bank"], got[1]["bank"])  # the same bank on every process
+    np.testing.assert_allclose(got[0]["bank"], np.asarray(one_process["model"].bank), rtol=1e-5, atol=1e-5)
+    assert [list(g["names"]) for g in got] == [["00.png", "01.png", "02.png"], ["03.png", "04.png"]]
+    share = [slice(0, 3), slice(3, 5)]
+    for g, rows in zip(got, share):
+        assert_close(g["scores"], one_process["scores"][rows])
+        assert_close(g["maps"], one_process["maps"][rows])
+    assert [str(g["error"]) for g in got] == ["ProcessFailed", "ValueError"]
+    single = one_process["model"]
+    features = np.asarray(single.embed_crops(np.stack([single.prepare(x) for x in one_process["data"]["test"]])))
+    for g, rows in zip(got, share):
+        assert_close(g["features"], features[rows])

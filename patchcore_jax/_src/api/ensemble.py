@@ -51,6 +51,9 @@ class PatchCoreEnsemble(Detector):
                 raise ValueError("configs: expected a non-empty sequence of PatchCoreConfig, one per member")
             members = [PatchCore(c, progress=progress, mesh=mesh) for c in configs]
         self.members = list(members)
+        if any(m.collective for m in self.members):  # its members' collective steps would interleave
+            raise ValueError("mesh: an ensemble on a mesh over several processes is not supported; use one "
+                             "PatchCore per run there, or a mesh over this process's devices")
         first = self.members[0].config
         for i, m in enumerate(self.members[1:], 1):
             for field in ("resize", "crop", "geometry"):

@@ -128,6 +128,16 @@ class PatchCore(Detector):
         self.check_crops(crops)
         return self.executor.launch(self.index, crops)
 
+    def finish_launches(self, error: BaseException | None = None) -> None:
+        """See `Detector.finish_launches`: on a mesh over several processes, takes part in the other
+        processes' remaining scoring steps (`Executor.finish`)."""
+        if self.index is not None:
+            self.executor.finish(self.index, error)
+
+    @property
+    def collective(self) -> bool:
+        return self.executor.hosts is not None
+
     # -- fitting -----------------------------------------------------------------------------------
     def fit(self, images) -> "PatchCore":
         """Builds the memory bank from defect-free images (any input form, see the class docstring)."""

@@ -81,6 +81,16 @@ class Detector:
         `(scores (B,), maps (B, crop, crop))`."""
         raise NotImplementedError
 
+    def finish_launches(self, error: BaseException | None = None) -> None:
+        """Called once after the last `launch` of a prediction (with the error that ended it, if
+        any). Where scoring is collective (a mesh over several processes) the device stage keeps
+        taking part in the other processes' steps here; elsewhere it does nothing."""
+
+    @property
+    def collective(self) -> bool:
+        """Whether scoring is a collective step with other processes (then a process may bring no images)."""
+        return False
+
     def score_crops(self, crops) -> tuple[np.ndarray, np.ndarray]:
         """The device stage of `predict`: uint8 crops `(B, crop, crop, 3)` -> image scores `(B,)` and
         anomaly maps `(B, crop, crop)`, float32 host arrays."""
@@ -105,18 +115,10 @@ class Detector:
 
     def crop_batches(self, images) -> Iterator[tuple[list[str], np.ndarray, list[tuple[int, int]]]]:
         """`(names, uint8 crops (b, crop, crop, 3), original sizes)` with `b <= batch_size`, in input
-        order; only one batch of decoded images is held at a time."""
-        names, crops, sizes = [], [], []
-        for name, item in preprocess.iter_images(images):
-            crop, size = self._prepare(item, name)
-            names.append(name)
-            crops.append(crop)
-            sizes.append(size)
-            if len(crops) == self.config.batch_size:
-                yield names, np.stack(crops), sizes
-                names, crops, sizes = [], [], []
-        if crops:
-            yield names, np.stack(crops), sizes
+        order, prepared on a pool of threads (`preprocess.prepared_batches`)."""
+        for batch in preprocess.prepared_batches(preprocess.iter_images(images), self._prepare, self.config.batch_size):
+            names, done = zip(*batch)
+            yield list(names), np.stack([c for c, _ in done]), [s for _, s in done]
 
     def frame_map(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """A map `(crop, crop)` placed back into its image's original frame `size = (H, W)`: float32
@@ -150,14 +152,20 @@ class Detector:
                 names, crops, sizes = next(batches)
             except StopIteration:
                 break
-            except Exception:
+            except Exception as err:
+                self.finish_launches(err)
                 if pending is not None:  # an unreadable image: the batch already scored is yielded first
                     yield from finish(*pending)
                 raise
-            launched = (names, crops, sizes, self.launch(crops))
+            try:
+                launched = (names, crops, sizes, self.launch(crops))
+            except Exception as err:
+                self.finish_launches(err)
+                raise
             if pending is not None:
                 yield from finish(*pending)
             pending = launched
+        self.finish_launches()
         if pending is not None:
             yield from finish(*pending)
 
@@ -177,6 +185,9 @@ class Detector:
             scores.append(pred.score)
             maps.append(pred.anomaly_map if frame == "crop" else self.frame_map(pred.anomaly_map, pred.size))
             self.report("scoring", len(scores), total)
+        if not scores and self.collective:
+            c = self.config.crop
+            return np.zeros((0,), np.float32), (np.zeros((0, c, c), np.float32) if frame == "crop" else [])
         if not scores:
             where = f" in {os.fsdecode(images)}" if isinstance(images, (str, bytes, os.PathLike)) else ""
             raise ValueError(f"images: expected at least one test image{where}, got none")

@@ -21,8 +21,10 @@ ones).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -166,6 +168,48 @@ def iter_images(images: Any, *, name: str = "images") -> Iterator[tuple[str, Any
         else:
             raise ValueError(f"{item_name}: expected an image array, a PIL image or a file path, "
                              f"got {type(item).__name__}")
+
+
+def host_threads() -> int:
+    """Threads that prepare images on the host: the CPUs this process may use, at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 16))
+
+
+def prepared_batches(pairs: Iterable[tuple[str, Any]], prepare: Callable[[Any, str], Any], size: int,
+                     *, threads: int | None = None) -> Iterator[list[tuple[str, Any]]]:
+    """`(name, item)` pairs -> batches (lists of at most `size`) of `(name, prepare(item, name))`, in
+    input order, `prepare` running on a pool of `threads` threads (default `host_threads()`: decoding
+    and resizing release the GIL) one batch ahead of the batch yielded, so at most two batches are
+    held. Errors surface in input order: an image's error after the batches before it are yielded."""
+    pool = concurrent.futures.ThreadPoolExecutor(threads or host_threads(), thread_name_prefix="patchcore-jax-prepare")
+    pending: collections.deque = collections.deque()
+
+    def take(k):
+        return [(name, future.result()) for name, future in (pending.popleft() for _ in range(k))]
+
+    pairs, listing_error = iter(pairs), None
+    try:
+        while listing_error is None:
+            try:
+                name, item = next(pairs)
+            except StopIteration:
+                break
+            except Exception as err:  # raised after the images listed before it, as a plain loop would
+                listing_error = err
+                break
+            pending.append((name, pool.submit(prepare, item, name)))
+            if len(pending) == 2 * size:
+                yield take(size)
+        while pending:
+            yield take(min(size, len(pending)))
+        if listing_error is not None:
+            raise listing_error
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def load_image(item, *, name: str = "image", max_pixels: int | None = MAX_PIXELS) -> np.ndarray:

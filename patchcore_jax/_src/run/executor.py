@@ -2,9 +2,10 @@
 
 It owns what the model code must not know: the devices and shardings (a mesh, the replicated backbone
 state, data-parallel embedding, the row-sharded bank and its collective coreset and search), the
-padding of every batch to the compiled batch size, and the scoring thread. The stages are the same
-functions either way (`patchcore_jax._src.stages`); the model layer (`model.fitted`) gives the pure
-embed function and the maps. Progress goes out through callbacks `progress(stage, done, total)`,
+padding of every batch to the compiled batch size, the scoring thread, and, on a mesh over several
+processes, the steps in which each process brings its own images (`run.multihost`). The stages are
+the same functions either way (`patchcore_jax._src.stages`); the model layer (`model.fitted`) gives
+the pure embed function and the maps. Progress goes out through callbacks `progress(stage, done, total)`,
 never to a terminal (the command line draws the bars).
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from patchcore_jax._src.model import fitted as fitted_lib
 from patchcore_jax._src.model.config import PatchCoreConfig
-from patchcore_jax._src.run import sharding
+from patchcore_jax._src.run import multihost, sharding
 from patchcore_jax._src.stages import bank as bank_lib
 from patchcore_jax._src.stages import coreset, scoring
 from patchcore_jax._src.stages.search import brute, clustered
@@ -58,6 +59,10 @@ class Executor:
         self.mesh = resolve_mesh(mesh)
         # Replicated once, not per batch.
         self.state = state if self.mesh is None else sharding.replicate(state, self.mesh)
+        # A mesh over several processes: each brings its own images to every global batch.
+        self.hosts = None
+        if multihost.spans_processes(self.mesh):
+            self.hosts = multihost.GlobalBatch(self.mesh, config.batch_size)
         self._scorer: concurrent.futures.ThreadPoolExecutor | None = None  # made on the first launch
 
     # -- shapes --------------------------------------------------------------------------------------
@@ -80,7 +85,14 @@ class Executor:
     # -- embedding -----------------------------------------------------------------------------------
     def embed(self, crops) -> jax.Array:
         """uint8 crops `(B, crop, crop, 3)` (host or device array) -> patch features `(B, h, w, D)`
-        float32 on the device; every call runs the one compiled batch size (the last chunk padded)."""
+        float32 on the device; every call runs the one compiled batch size (the last chunk padded).
+
+        On a mesh over several processes this is a collective call (every process calls it, each with
+        its own crops, any number): it returns this process's features as a host array."""
+        if self.hosts is not None:
+            parts = [self.hosts.mine(multihost.gather(f), c[self.me]) for c, f in self.steps(self.chunks([crops]))]
+            empty = np.zeros((0, *self.feature_grid, self.config.target_dim), np.float32)
+            return np.concatenate(parts) if parts else empty
         b = crops.shape[0]
         size = self.config.batch_size
         outs = []
@@ -123,8 +135,7 @@ class Executor:
         counts = [0]
 
         def features() -> Iterator[np.ndarray]:
-            for batch in batches:
-                feats = np.asarray(jax.device_get(self.embed(batch)))
+            for feats in self.host_features(batches):
                 rows_ = feats.reshape(-1, feats.shape[-1])
                 finite = np.isfinite(rows_)
                 if not finite.all():
@@ -163,6 +174,55 @@ class Executor:
             bank = self.subsample(bank, progress=progress)
         return bank, n, sample.rows()
 
+    def host_features(self, batches: Iterable) -> Iterator[np.ndarray]:
+        """Patch features `(b, h, w, D)` float32 on the host, batch by batch, in input order.
+
+        On a mesh over several processes each process brings its own batches, and every process gets
+        the features of all of them: process 0's in its order, then process 1's, and so on (the order
+        of one process given the processes' shares concatenated, see `multihost.process_share`)."""
+        if self.hosts is None:
+            for batch in batches:
+                yield np.asarray(jax.device_get(self.embed(batch)))
+            return
+        per_process = [[] for _ in self.hosts.processes]
+        for counts, feats in self.steps(self.chunks(batches)):
+            for held, part in zip(per_process, self.hosts.split(multihost.gather(feats), counts)):
+                held.append(part)
+        for held in per_process:
+            while held:
+                yield held.pop(0)
+
+    # -- several processes ---------------------------------------------------------------------------
+    @property
+    def me(self) -> int:
+        """This process's position among the mesh's processes."""
+        return self.hosts.processes.index(jax.process_index())
+
+    def chunks(self, batches: Iterable) -> Iterator[np.ndarray]:
+        """Host crop batches of any size -> host chunks of at most `batch_size` crops."""
+        size = self.config.batch_size
+        for batch in batches:
+            host = np.asarray(jax.device_get(batch)) if isinstance(batch, jax.Array) else np.asarray(batch)
+            for start in range(0, host.shape[0], size):
+                yield host[start : start + size]
+
+    def empty_crops(self) -> np.ndarray:
+        return np.zeros((0, self.config.crop, self.config.crop, 3), np.uint8)
+
+    def steps(self, chunks):
+        """`(counts, global features)` per collective step (`multihost.steps`)."""
+        return multihost.steps(self.hosts, chunks, lambda x: self.embed_fn(self.state, x), self.empty_crops())
+
+    def finish(self, index, error: BaseException | None = None) -> None:
+        """After this process's last `launch`: takes part in the other processes' remaining scoring
+        steps (a mesh over several processes; nothing otherwise). With `error`, announces it instead."""
+        if self.hosts is None or isinstance(error, multihost.ProcessFailed):
+            return
+        def score(x):
+            return self.score_features(index, self.embed_fn(self.state, x))
+
+        multihost.drain(self.hosts, self.empty_crops(), score, failed=error is not None)
+
     def subsample(self, bank: np.ndarray, *, progress: Progress = no_progress) -> np.ndarray:
         """The in-memory coreset (a mesh, or no projection); the same rules as the stream's."""
         cfg = self.config
@@ -198,6 +258,8 @@ class Executor:
         same time and the exact search with the clustered index is a loop on one CPU core: on a CPU,
         batch i's search then runs beside batch i + 1's backbone, which uses every core (predict end to
         end, WRN50-2 at 224 on 2 cores: 166 ms per image against 179 ms dispatched from one thread)."""
+        if self.hosts is not None:
+            return self.launch_steps(index, crops)
         b, size = crops.shape[0], self.config.batch_size
         fetches = []
         for start in range(0, b, size):
@@ -213,6 +275,18 @@ class Executor:
             return np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts])
 
         return fetch
+
+    def launch_steps(self, index, crops):
+        """`launch` on a mesh over several processes: one collective step per chunk (every process
+        scores its own crops; `finish` after the last); returns this process's scores and maps."""
+        parts = []
+        for chunk in self.chunks([crops]):
+            counts = self.hosts.exchange_counts(len(chunk))
+            multihost.check_counts(counts, self.hosts.processes)
+            scores, maps = self.score_features(index, self.embed_fn(self.state, self.hosts.place(chunk)))
+            parts.append((self.hosts.mine(scores, len(chunk)), self.hosts.mine(maps, len(chunk))))
+        result = (np.concatenate([s for s, _ in parts]), np.concatenate([m for _, m in parts]))
+        return lambda: result
 
     def embed_padded(self, chunk) -> jax.Array:
         """uint8 crops `(n, crop, crop, 3)` with `n <= batch_size` -> patch features `(batch_size, h, w, D)`
@@ -242,7 +316,10 @@ class Executor:
                 s, patch = scoring.image_scores_from_index(index, feats.reshape(b, h * w, d),
                                                            num_neighbors=cfg.num_neighbors)
             maps = fitted_lib.anomaly_maps(patch, (h, w), cfg)
-            scores, host_maps = jax.device_get((s, maps))
+            if self.hosts is None:
+                scores, host_maps = jax.device_get((s, maps))
+        if self.hosts is not None:  # every process's rows, on every process
+            scores, host_maps = multihost.gather(s), multihost.gather(maps)
         if not (np.isfinite(scores).all() and np.isfinite(host_maps).all()):
             raise ValueError(
                 "scores: the device returned NaN or infinite scores; the features overflow float32 or are NaN "
