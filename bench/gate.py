@@ -85,7 +85,8 @@ def start(tree: str, mode: dict, work: str, tag: str, *, outputs: bool, label: s
     # environment: a test run or the command line may set one, and the revisions must not share), empty
     # for its cold round, which measures compiling (and fills it), read back by the warm rounds.
     env.pop("PATCHCORE_JAX_COMPILATION_CACHE", None)
-    env.update(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=os.path.join(work, f"cache-{label or tag}"),
+    env.update(JAX_ENABLE_COMPILATION_CACHE="true",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(work, f"cache-{label or tag}"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     # glibc adapts its mmap threshold as a process frees large blocks, so one process maps (and
     # page-faults) a stage's output on every call and the next reuses heap pages: the same code then
@@ -358,7 +359,8 @@ def main(argv=None) -> int:
             print("SLOWER beyond the threshold: " + ", ".join(slower))
         status = 1 if (slower or drifted or failed) else 0
         print("gate: " + ("FAIL" if status else "pass") + f" ({time.perf_counter() - start:.0f} s)")
-        report.update(base_env=base_env, rows=rows, per_round={"base": base_rounds, "candidate": per_round(results["candidate"])}, drifted=drifted, slower=slower, failed=failed, status=status,
+        report.update(base_env=base_env, rows=rows, drifted=drifted, slower=slower, failed=failed, status=status,
+                      per_round={"base": base_rounds, "candidate": per_round(results["candidate"])},
                       base=sha or args.baseline)
     if args.save is not None:
         record = baseline_record(results["candidate"], mode_name, _git("rev-parse", "HEAD"))

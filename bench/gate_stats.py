@@ -19,9 +19,9 @@ import numpy as np
 # Thresholds: run time 10% (what a maintainer would act on; below that, a 2-core machine shared with
 # other jobs cannot tell it from noise in 4 rounds, see docs/benchmarks.md); compile time 50% and at
 # least half a second of CPU time (it is measured once per revision, in the round that starts with
-# no cached programs, so there is no interval; compiling meets the load unevenly); peak memory 10% and, beyond that, at least 0.5 MiB
-# where XLA's buffer assignment gives it (exact) and 32 MiB where the resident set has to (the
-# allocator moves small footprints by several MiB from process to process).
+# no cached programs, so there is no interval; compiling meets the load unevenly); peak memory 10%
+# and, beyond that, at least 0.5 MiB where XLA's buffer assignment gives it (exact) and 32 MiB where
+# the resident set has to (the allocator moves small footprints by several MiB from process to process).
 THRESHOLDS = {"time": 0.10, "compile": 0.50, "memory": 0.10}
 COMPILE_FLOOR_S = 0.5
 # The interval must clear 1 by this much, not just 1: with 4 and 4 rounds the interval is the range of
