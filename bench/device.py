@@ -14,6 +14,13 @@ Benches (compile excluded, median of a few rounds, `jax.block_until_ready`): exa
 force and by the clustered index, the coreset's lazy and dense loops in float32 and bfloat16 (the
 measurement that `coreset.resolve_method("auto")` waits for), patch aggregation, anomaly maps and the
 WRN50-2 backbone. A time budget stops starting new benches in time; skipped ones are listed.
+
+The regression gate's stages (`bench/gate_stages.py`, full sizes; smoke sizes with --tiny), a few
+rounds of fresh processes, compared with the stored baseline of this device kind
+(`bench/baselines/<device>.json`, see `python -m bench.gate --save`) when there is one: the table
+is printed and its rows, verdicts and any drift go into device.json under "gate". `--save-baseline
+DIR` writes this run's figures as such a baseline into DIR (bring it back and commit it under
+bench/baselines/ to give the device kind one).
 """
 
 from __future__ import annotations
@@ -219,11 +226,49 @@ def benches(size):
         yield "backbone_wrn50_layer2_3", backbone
 
 
+def gate_check(tiny: bool, save_dir: str | None = None) -> dict:
+    """The gate's stages on this device, compared with its stored baseline when there is one."""
+    import tempfile
+
+    from bench import gate
+
+    mode_name = "smoke" if tiny else "full"
+    mode = dict(gate.MODES[mode_name], rounds=0 if tiny else 4)
+    with tempfile.TemporaryDirectory(prefix="device-gate-") as work:
+        results = gate.run_rounds({"candidate": str(gate.ROOT)}, mode, work, log=lambda msg: None)["candidate"]
+    env = results[0]["env"]
+    device = gate.device_name(env)
+    out = {"device": device, "mode": mode_name, "rounds": mode["rounds"], "env": env,
+           "figures": gate.per_round(results), "baseline": None}
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+        path = os.path.join(save_dir, f"{device}.json")
+        with open(path, "w") as f:
+            json.dump(gate.baseline_record(results, mode_name, None), f, indent=1)
+        out["saved_baseline"] = path
+    stored_path = gate.BASELINES / f"{device}.json"
+    if not stored_path.exists():
+        return out
+    with open(stored_path) as f:
+        stored = json.load(f)
+    problem = gate.comparable(stored, env, mode_name)
+    out["baseline"] = str(stored_path)
+    if problem:
+        out["baseline_problem"] = problem
+        return out
+    rows = gate.compare(stored["rounds"], out["figures"], verdicts=not tiny)
+    drifted = gate.drift(stored["outputs"], results[0]["outputs"], sampled=True)
+    print(gate.table(rows, drifted, f"saved {str(stored.get('commit'))[:8]}", "this run"))
+    out.update(rows=rows, drifted=drifted, slower=[r["stage"] for r in rows if r["verdict"] == "slower"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for device.json")
     parser.add_argument("--tiny", action="store_true", help="small sizes (seconds; what the test suite runs)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no new bench after this many seconds")
+    parser.add_argument("--save-baseline", metavar="DIR", help="write the gate stages' figures as a baseline here")
     args = parser.parse_args(argv)
 
     import jax
@@ -234,6 +279,7 @@ def main(argv=None) -> int:
     x64 = backend != "tpu"
     result = {
         "backend": backend, "devices": [str(d.device_kind) for d in jax.devices()], "jax": jax.__version__,
+        "jaxlib": __import__("jaxlib").__version__,
         "python": platform.python_version(), "machine": platform.machine(), "tiny": args.tiny,
         "auto_method": __import__("patchcore_jax._src.stages.coreset", fromlist=["resolve_method"]).resolve_method("auto"),
         "checks": {}, "benches": {}, "skipped": [], "errors": {},
@@ -251,6 +297,13 @@ def main(argv=None) -> int:
             result["benches"][name] = thunk()
         except Exception:
             result["errors"][name] = traceback.format_exc(limit=5)
+    if time.perf_counter() - start > args.budget_s:
+        result["skipped"].append("gate")
+    else:
+        try:
+            result["gate"] = gate_check(args.tiny, args.save_baseline)
+        except Exception:
+            result["errors"]["gate"] = traceback.format_exc(limit=5)
     result["all_checks_ok"] = bool(result["checks"]) and all(c["ok"] for c in result["checks"].values()) and not any(
         k in result["errors"] for k in ("search", "coreset", "scores_and_maps"))
     result["wall_s"] = round(time.perf_counter() - start, 1)

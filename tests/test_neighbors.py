@@ -182,6 +182,34 @@ def test_a_bank_row_finds_itself_among_many_near_duplicates():
         np.testing.assert_array_equal(np.asarray(d)[:, 0], 0.0)
 
 
+def test_rows_a_block_drops_are_ruled_out_by_its_floor():
+    # Each bank block hands on only k + 7 rows to the running list. Here 40 rows within 1e-3 of each
+    # other (float32 keys cannot rank them) are spread over blocks of 16 among 200 far rows, so every
+    # block drops some of them: the certificate must count each block's floor, fail, and send the
+    # query to the exact pass; each row must still find itself, and k rows must equal the reference.
+    rng = np.random.default_rng(5)
+    near = rng.normal(size=(1, 24)) * 4 + rng.normal(size=(40, 24)) * 1e-3
+    bank = np.concatenate([near, rng.normal(size=(200, 24)) * 4 + 30.0]).astype(np.float32)
+    order = rng.permutation(len(bank))
+    bank = bank[order]
+    own = np.argsort(order)[:40]  # where the near rows went
+    index = patchcore_jax.build_index(bank, block=16)
+    for k in (1, 3):
+        d, i = patchcore_jax.search(index, bank[own], k)
+        np.testing.assert_array_equal(np.asarray(i)[:, 0], own)
+        np.testing.assert_array_equal(np.asarray(d)[:, 0], 0.0)
+        want_d, _ = reference.nearest_neighbors(bank.astype(np.float64), bank[own].astype(np.float64), k)
+        true_d = np.linalg.norm(bank.astype(np.float64)[np.asarray(i)] - bank[own, None].astype(np.float64), axis=-1)
+        np.testing.assert_allclose(true_d, want_d, rtol=0, atol=1e-6)
+
+
+def test_query_tiles_are_balanced_and_bounded():
+    index = patchcore_jax.build_index(gaussian(0, (50, 8)).astype(np.float32))
+    for q, block, want in [(3136, 1024, (4, 784)), (3136, 256, (13, 248)), (5, 1024, (1, 5)), (1000, 100, (10, 100))]:
+        tiles = neighbors.query_blocks(index, np.zeros((q, 8), np.float32), block)
+        assert tiles.shape[:2] == want and tiles.shape[1] <= block
+
+
 @st.composite
 def magnitude_cases(draw):
     return dict(

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from patchcore_jax._src.stages import coreset as coreset_lib
 from patchcore_jax._src.stages.search import brute as neighbors
+from patchcore_jax._src.stages.search import common as search_common
 from patchcore_jax._src.stages import scoring
 from patchcore_jax._src.stages import checks as _checks
 
@@ -132,7 +133,7 @@ def _build_sharded(bank, *, mesh, n_real, block):
     return index.replace(rows=jax.lax.with_sharding_constraint(index.rows, row_sharding(mesh)))
 
 
-def _sharded_search(index: neighbors.BankIndex, queries, k, *, mesh, query_block=256):
+def _sharded_search(index: neighbors.BankIndex, queries, k, *, mesh, query_block=search_common.QUERY_BLOCK):
     """Exact k nearest rows: a local search per shard, then a merge by (distance, global index)."""
     q = queries.shape[0]
     blocks = neighbors.query_blocks(index, queries, min(query_block, q))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from patchcore_jax._src.stages import checks
 from patchcore_jax._src.stages.search import brute
+from patchcore_jax._src.stages.search import common as search_common
 from patchcore_jax._src.stages.search import index as index_lib
 
 
@@ -114,7 +115,8 @@ def image_scores_from_neighbours(index, patch_features, dist, idx, *, num_neighb
 
 
 def image_scores_from_index(
-    index, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = 256, anomaly_scorer_num_nn: int = 1
+    index, patch_features: jax.Array, *, num_neighbors: int = 9, query_block: int = search_common.QUERY_BLOCK,
+    anomaly_scorer_num_nn: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """`image_scores` on a bank prepared once (the model's path): a `BankIndex` from
     `build_index` (brute force) or a `ClusteredIndex` from `build_clustered_index` (prunes;

@@ -12,7 +12,9 @@ from patchcore_jax._src.stages import checks
 from patchcore_jax._src.stages.search import common
 
 
-def search(index, queries: jax.Array, k: int = 1, *, query_block: int = 256) -> tuple[jax.Array, jax.Array]:
+def search(
+    index, queries: jax.Array, k: int = 1, *, query_block: int = common.QUERY_BLOCK
+) -> tuple[jax.Array, jax.Array]:
     """Exact k nearest rows of a prepared bank; shapes and meaning as `nearest_neighbors`.
 
     `index`: a `BankIndex` (`build_index`, brute force) or a `ClusteredIndex`
