@@ -84,9 +84,12 @@ def start(tree: str, mode: dict, work: str, tag: str, *, outputs: bool, label: s
     # depend on it: each revision gets a persistent compilation cache of its own (never one from the
     # environment: a test run or the command line may set one, and the revisions must not share), empty
     # for its cold round, which measures compiling (and fills it), read back by the warm rounds.
+    # The smoke form gives no verdict, so its two revisions share one cache (the test run's, when it
+    # sets one): identical programs compile once, which is what keeps the smoke run short.
+    smoke_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(work, "cache-smoke")
+    cache = smoke_cache if mode["size"] == "smoke" else os.path.join(work, f"cache-{label or tag}")
     env.pop("PATCHCORE_JAX_COMPILATION_CACHE", None)
-    env.update(JAX_ENABLE_COMPILATION_CACHE="true",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(work, f"cache-{label or tag}"),
+    env.update(JAX_ENABLE_COMPILATION_CACHE="true", JAX_COMPILATION_CACHE_DIR=cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     # glibc adapts its mmap threshold as a process frees large blocks, so one process maps (and
     # page-faults) a stage's output on every call and the next reuses heap pages: the same code then

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remove-features", action="store_true",
                    help="delete the extracted features (OUT/features/) when the sweep is done")
     add_model_options(p)
-    p.set_defaults(func=commands.cmd_sweep)
+    p.set_defaults(func="cmd_sweep")
 
     p = sub.add_parser("convert-weights", parents=[common], help="convert a .pth state dict to .safetensors (needs torch once)")
     p.add_argument("input", help="torchvision/timm .pth state dict")

@@ -21,7 +21,7 @@ import numpy as np
 
 from patchcore_jax._src.model import fitted as fitted_lib
 from patchcore_jax._src.model.config import PatchCoreConfig
-from patchcore_jax._src.run import multihost, sharding
+from patchcore_jax._src.run import jaxprs, multihost, sharding
 from patchcore_jax._src.stages import bank as bank_lib
 from patchcore_jax._src.stages import coreset, scoring
 from patchcore_jax._src.stages.search import brute, clustered
@@ -82,7 +82,7 @@ class Executor:
         projection or on a mesh) and the bank itself."""
         cfg = self.config
         crops = jax.ShapeDtypeStruct((1, cfg.crop, cfg.crop, 3), jnp.uint8)
-        largest = max(_largest_value(jax.make_jaxpr(self.embed_fn)(self.state, crops).jaxpr), 1)
+        largest = max(jaxprs.largest_value(jax.make_jaxpr(self.embed_fn)(self.state, crops).jaxpr), 1)
         h, w = self.feature_grid
         n = num_images * h * w
         m = coreset.coreset_size(n, cfg.coreset_fraction)
@@ -349,22 +349,6 @@ class Executor:
                 "scores: the device returned NaN or infinite scores; the features overflow float32 or are NaN "
                 f"(backbone weights: {cfg.weights or 'random initialisation'})")
         return np.asarray(scores, np.float32), np.asarray(host_maps, np.float32)
-
-
-def _largest_value(jaxpr) -> int:
-    """Bytes of the largest array a jaxpr computes, nested jaxprs (jit, scan, ...) included."""
-    largest = 0
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            aval = getattr(v, "aval", None)
-            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                largest = max(largest, int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    largest = max(largest, _largest_value(inner))
-    return largest
 
 
 def gather(chunks) -> np.ndarray | None:
