@@ -38,6 +38,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 
 import numpy as np
 
@@ -169,8 +170,9 @@ def read_model_files(path) -> dict:
             contents = _read_verified(path)
             break
         except ModelFileError:
-            if attempt + 1 < READ_ATTEMPTS and _inode(path) != before:
-                continue  # replaced by a concurrent save while it was read: read the new one
+            if attempt + 1 < READ_ATTEMPTS and (_inode(path) != before or before is None and _leftovers(path)):
+                time.sleep(0.005 * attempt)  # replaced, or between a save's two renames: read the new one
+                continue
             raise
     join = lambda name: display(os.path.join(path, name))  # noqa: E731
     if ENSEMBLE in contents:
