@@ -253,6 +253,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from patchcore_jax._src.app import evaluate, memory
     from patchcore_jax._src.io.data import datasets
+    from patchcore_jax._src.io.outputs import OutputDir
 
     if args.heatmaps < 0:
         raise UsageError(f"--heatmaps {args.heatmaps}: expected an integer >= 0")
@@ -263,6 +264,7 @@ def cmd_evaluate(args) -> int:
 
         if args.quiet:
             tfds.disable_progress_bar()
+    OutputDir.check(args.out, "evaluate")  # a folder in use: refused before the data set is read
     categories = datasets.load_categories(args.dataset, args.root, args.categories)
     memory.check_evaluate(new_model(cfg, quiet=True), categories)
     if any(c.weights is None for c in cfgs):

@@ -117,9 +117,9 @@ def check_evaluate(model, categories, available: int | None = None) -> None:
     available = _available(available)
     if available is None or not categories:
         return
-    biggest = {max(categories, key=lambda c: len(c.train)), max(categories, key=lambda c: len(c.test))}
+    most_train, most_test = max(categories, key=lambda c: len(c.train)), max(categories, key=lambda c: len(c.test))
     worst = None
-    for cat in sorted(biggest, key=lambda c: c.name):
+    for cat in [most_train] if most_test is most_train else [most_train, most_test]:
         e = fit_and_score(model, len(cat.train), len(cat.test))
         if worst is None or sum(e.values()) > sum(worst[1].values()):
             worst = (cat, e)
