@@ -66,7 +66,9 @@ def predict_estimate(model) -> dict[str, int]:
     members = _members(model)
     cfg = model.config
     activations = max(m.executor.memory_estimate(1)["activations"] for m in members)
-    scoring = sum(jaxprs.scoring_memory(m.config, m.feature_grid, m.index) for m in members)
+    # A mesh's sharded index: a brute-force index of the whole bank stands in (one device's bound).
+    scoring = sum(jaxprs.scoring_memory(m.config, m.feature_grid, m.index if m.executor.mesh is None else None,
+                                        bank_rows=len(m.bank)) for m in members)
     host = 2 * cfg.batch_size * cfg.crop * cfg.crop * (3 + 4 * len(members))
     bank = sum(held_bytes(m.bank) + (held_bytes(m.index) if m.index is not m.bank else 0) for m in members)
     return {"activations": activations, "scoring": scoring, "host": host, "bank": bank}
