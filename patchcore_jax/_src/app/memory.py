@@ -24,8 +24,9 @@ follows what the code holds at its peak:
   being built) and scoring (the test features and their k nearest distances kept per batch, the bank
   and its index, the test set's maps and metrics as in evaluate).
 
-The totals add the parts that are not held at the same time (a bound rather than the peak itself);
-settings just under the limit may still fail.
+The totals add parts that are not all held at the same time, but leave out compilation's own memory
+and the runtime's (docs/model-files.md, "Memory", has one measurement): settings just under the limit
+may still fail.
 """
 
 from __future__ import annotations
