@@ -144,6 +144,49 @@ def test_settings_that_need_more_memory_than_the_machine_has_are_refused_before_
     assert not (tmp_path / "big").exists()
 
 
+TINY_ARGS = ["--backbone", "resnet18", "--layers", "layer2", "--resize", "72", "--crop", "64", "--pretrain-dim", "32",
+             "--target-dim", "32", "--neighbors", "3", "--batch-size", "4"]
+
+
+def test_predict_evaluate_and_sweep_that_need_more_memory_than_is_available_are_refused_before_work(
+        tiny_model, tmp_path, capsys, monkeypatch):
+    from patchcore_jax._src.app import console, memory
+    from tests import dataset_trees
+
+    model, model_dir, images = tiny_model
+    # A loaded model: what predict still needs besides its bank, and the batch size that fits.
+    e = memory.predict_estimate(model)
+    assert e["activations"] > 0 and e["scoring"] > 0 and e["bank"] >= model.bank.nbytes
+    needed = e["activations"] + e["scoring"] + e["host"]
+    memory.check_predict(model, available=needed)  # fits
+    with pytest.raises(console.UsageError, match=r"--batch-size 4 --crop 64 \(the model's\): predict needs about "
+                                                 r".* MiB for the loaded bank\), but .* is available besides the bank; "
+                                                 r"refit the model with --batch-size 2 or less"):
+        memory.check_predict(model, available=needed // 2)
+    root = dataset_trees.make_mvtec(str(tmp_path / "mvtec"))
+    monkeypatch.setattr(console, "available_memory", lambda: 1 << 20)
+    runs = {
+        "predict": (["predict", "--model", str(model_dir), str(images), "--quiet"],
+                    "predict needs about"),
+        "evaluate": (["evaluate", "--dataset", "mvtec", "--root", root, "--quiet", *TINY_ARGS],
+                     "category bottle (4 training images, 5 test images) needs about"),
+        "sweep": (["sweep", "--dataset", "mvtec", "--root", root, "--grid", "coreset_fraction=0.05,0.2", "--quiet",
+                   *TINY_ARGS], "the sweep's largest category, bottle, needs about"),
+    }
+    for command, (argv, named) in runs.items():
+        out = tmp_path / command
+        code = cli.main([*argv, "--out", str(out)])
+        captured = capsys.readouterr()
+        assert code == 2 and captured.err.count("\n") == 1 and not captured.out, (command, captured)
+        assert named in captured.err and "1.0 MiB is available" in captured.err, captured.err
+        assert not out.exists()  # refused before any output
+    # --dry-run lists the estimate, and that the run would be refused, without refusing.
+    out = tmp_path / "dry"
+    assert cli.main([*runs["sweep"][0], "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "memory: about" in text and "1.0 MiB available: the run would be refused" in text and not out.exists()
+
+
 def test_a_full_disk_names_the_file_and_no_row_points_at_a_missing_heatmap(tiny_model, tmp_path, capsys, monkeypatch):
     import errno
 

@@ -169,7 +169,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from patchcore_jax._src.app import records, visualize
+    from patchcore_jax._src.app import memory, records, visualize
     from patchcore_jax._src.model.images import display, read_image
     from patchcore_jax._src.model.detector import Threshold, check_threshold
     from patchcore_jax._src.io.outputs import OutputDir, csv_text
@@ -194,6 +194,7 @@ def cmd_predict(args) -> int:
     if not paths:
         raise UsageError(f"{' '.join(display(p) for p in args.images)}: none of the {plural(len(skipped), 'image')} "
                          "could be read")
+    memory.check_predict(model)
     if given["--threshold"] is not None:
         model.threshold = given["--threshold"]
     if given["--pixel-threshold"] is not None:
@@ -250,7 +251,9 @@ def cmd_predict(args) -> int:
 
 # -- evaluate -------------------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
-    from patchcore_jax._src.app import evaluate
+    from patchcore_jax._src.app import evaluate, memory
+    from patchcore_jax._src.io.data import datasets
+    from patchcore_jax._src.io.outputs import OutputDir
 
     if args.heatmaps < 0:
         raise UsageError(f"--heatmaps {args.heatmaps}: expected an integer >= 0")
@@ -261,6 +264,9 @@ def cmd_evaluate(args) -> int:
 
         if args.quiet:
             tfds.disable_progress_bar()
+    OutputDir.check(args.out, "evaluate")  # a folder in use: refused before the data set is read
+    categories = datasets.load_categories(args.dataset, args.root, args.categories)
+    memory.check_evaluate(new_model(cfg, quiet=True), categories)
     if any(c.weights is None for c in cfgs):
         say(random_backbone_note(cfgs))
     report = evaluate.evaluate(args.dataset, args.root, cfg, out=args.out, categories=args.categories,
@@ -276,7 +282,7 @@ def cmd_evaluate(args) -> int:
 
 # -- sweep ----------------------------------------------------------------------------------------------
 def cmd_sweep(args) -> int:
-    from patchcore_jax._src.app import evaluate, sweep
+    from patchcore_jax._src.app import evaluate, memory, sweep
 
     if not args.grid:
         raise UsageError("--grid: give at least one KEY=V1,V2 (e.g. --grid coreset_fraction=0.01,0.1)")
@@ -285,9 +291,10 @@ def cmd_sweep(args) -> int:
     p = sweep.plan(args.dataset, args.root, cfg, grid=args.grid, seeds=args.seeds, categories=args.categories,
                    mask_rule=args.mask_rule, out=args.out)
     if args.dry_run:
-        for line in sweep.describe_plan(p):
+        for line in [*sweep.describe_plan(p), memory.describe_sweep(memory.sweep_estimate(p))]:
             say(line)
         return 0
+    memory.check_sweep(p)
     if cfg.weights is None and any(u["done"] is None for u in p["units"]):
         say(random_backbone_note(cfg))
     report = sweep.sweep(args.dataset, args.root, cfg, out=args.out, grid=args.grid, seeds=args.seeds,

@@ -32,6 +32,7 @@ from patchcore_jax._src.io.data import datasets
 from patchcore_jax._src.model import backbone, preprocess
 from patchcore_jax._src.model import fitted as fitted_lib
 from patchcore_jax._src.model.config import PatchCoreConfig
+from patchcore_jax._src.run import jaxprs
 from patchcore_jax._src.run.executor import Executor, pad_host
 from patchcore_jax._src.stages import aggregate, coreset, scoring
 from patchcore_jax._src.stages import bank as bank_lib
@@ -235,6 +236,24 @@ def compute_taps(cfg: PatchCoreConfig, layers, crops: np.ndarray) -> dict:
         for name in layers:
             parts[name].append(np.asarray(out[name])[: len(chunk)])
     return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def tap_shapes(cfg: PatchCoreConfig, layers) -> tuple[dict, tuple[int, int], int]:
+    """What `compute_taps` and `aggregate_taps` hold, from shapes alone (nothing compiled or run):
+    `({layer: (h, w, C)} of one crop's taps, (h, w) of its patch grid, activations)`, the last the
+    backbone's working memory on one batch (3 times the largest array of a trace of one image, times
+    `batch_size`, as `Executor.memory_estimate` counts it)."""
+    layers = tuple(l for l in backbone.layer_names(cfg.backbone) if l in layers)
+    fn, state = _tap_function(cfg.backbone, cfg.weights, layers, cfg.seed, cfg.dtype)
+    crops = jax.ShapeDtypeStruct((1, cfg.crop, cfg.crop, 3), jnp.uint8)
+    taps = jax.eval_shape(fn, state, crops)
+    largest = jaxprs.largest_value(jax.make_jaxpr(fn)(state, crops).jaxpr)
+    feats = jax.eval_shape(lambda maps: _aggregate(maps, patch_size=cfg.patch_size, stride=cfg.stride,
+                                                    pretrain_dim=cfg.pretrain_dim, target_dim=cfg.target_dim,
+                                                    dtype=jnp.dtype(cfg.dtype)),
+                           tuple(taps[l] for l in cfg.layers if l in taps))
+    return ({l: tuple(int(v) for v in taps[l].shape[1:]) for l in layers}, (int(feats.shape[1]), int(feats.shape[2])),
+            3 * max(largest, 1) * cfg.batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("patch_size", "stride", "pretrain_dim", "target_dim", "dtype"))
