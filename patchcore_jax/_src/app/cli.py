@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-rule", choices=("published", "half"), default="published",
                    help="ground-truth pixels after resizing: published (only full 255 counts, as the published "
                         "code; default) or half (>= 128)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace category results in OUT made with other settings (default: refused; give a new "
+                        "--out, or compare settings with sweep)")
     add_model_options(p)
     p.set_defaults(func="cmd_evaluate")
 

@@ -266,7 +266,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate.evaluate(args.dataset, args.root, cfg, out=args.out, categories=args.categories,
                                source=args.source, tfds_dir=args.tfds_dir, heatmaps=args.heatmaps,
                                mask_rule=args.mask_rule, progress=progress_for(args.quiet), log=say,
-                               save_models=args.save_models)
+                               save_models=args.save_models, overwrite=args.overwrite)
     mean = report["mean"]
     say(f"mean over {len(report['categories'])} categories: image AUROC {evaluate.fmt(mean['image_auroc'])}  pixel AUROC "
          f"{evaluate.fmt(mean['pixel_auroc'])}  AU-PRO {evaluate.fmt(mean['au_pro'])}; "
