@@ -173,6 +173,21 @@ def test_bad_grids_are_refused_before_any_work(tree, tmp_path, capsys, grid, nam
     assert not out.exists()
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--coordinator", "127.0.0.1:1"], "give all three"),
+    (["--distributed", "--num-processes", "2"], "not both"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id: expected"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "--coordinator: expected HOST:PORT"),
+])
+def test_bad_cluster_options_are_refused_before_joining(tree, tmp_path, capsys, options, named):
+    out = tmp_path / "S"
+    code = cli.main(["sweep", "--dataset", "mvtec", "--root", tree, "--out", str(out), "--grid", "patch_size=3",
+                     *options, *MODEL_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_dry_run_lists_cells_and_does_nothing(tree, tmp_path, capsys):
     out = tmp_path / "S"
     code = cli.main(["sweep", "--dataset", "mvtec", "--root", tree, "--out", str(out), "--grid",
