@@ -58,7 +58,13 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
         if not host or not port.isdigit():
             raise ValueError(f"--coordinator: expected HOST:PORT, got {coordinator!r}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts' collectives
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except ValueError as err:
+        if not auto:
+            raise
+        raise ValueError(f"--distributed: JAX found no cluster here (TPU VM, Slurm, Open MPI: {err}); give "
+                         "--coordinator, --num-processes and --process-id") from None
     return True
 
 
