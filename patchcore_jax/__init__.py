@@ -14,7 +14,7 @@ def _load_face() -> dict:
     from patchcore_jax._src.api.ensemble import PatchCoreEnsemble
     from patchcore_jax._src.api.loading import load
     from patchcore_jax._src.api.patchcore import PatchCore
-    from patchcore_jax._src.app.sweep import sweep
+    from patchcore_jax._src.app.sweep_run import sweep
     from patchcore_jax._src.io.model_files import ModelFileError
     from patchcore_jax._src.model.config import PatchCoreConfig
     from patchcore_jax._src.stages.aggregate import aggregate_patches

@@ -135,8 +135,16 @@ def test_a_changed_input_or_setting_recomputes_and_a_corrupt_result_is_named(tre
     second = json.loads((out / "categories" / "bottle.json").read_text())
     assert second["fingerprint"] != first["fingerprint"]
     assert second["result"]["scores"] != first["result"]["scores"]
-    assert cli.main(args + ["--mask-rule", "half"]) == 0  # another setting: recomputed too
+    # Another setting into the same folder: refused before any work, the earlier result kept...
+    assert cli.main(args + ["--mask-rule", "half", "--coreset", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "made with other settings" in err
+    assert 'mask_rule "published" -> "half"' in err and "coreset_fraction 0.1 -> 0.2" in err and "--overwrite" in err
+    assert json.loads((out / "categories" / "bottle.json").read_text()) == second
+    # ... unless replacing it is asked for.
+    assert cli.main(args + ["--mask-rule", "half", "--overwrite"]) == 0
     assert "kept" not in capsys.readouterr().out
+    assert json.loads((out / "categories" / "bottle.json").read_text())["settings"]["mask_rule"] == "half"
     (out / "categories" / "bottle.json").write_text('{"settings": ')
     assert cli.main(args) == 2
     assert "categories/bottle.json: corrupt category result" in capsys.readouterr().err

@@ -3,7 +3,10 @@ bad grids refused before any work."""
 
 import csv
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +74,54 @@ def test_results_table_and_plots(swept):
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _two_processes(args, env):
+    """Runs `patchcore-jax sweep ARGS` as processes 0 and 1 of a cluster on localhost (gloo, 2 host
+    devices each); returns [(exit status, stdout, stderr)] in process order."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "patchcore_jax._src.app.cli", "sweep", *a, "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, a in enumerate(args)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+def test_two_processes_run_the_same_sweep_and_write_it_once(swept, tree, tmp_path):
+    out, grid, _ = swept
+    # An earlier sweep with one category's units and every feature gone: process 0 decides what is left.
+    copy = str(tmp_path / "S")
+    shutil.copytree(out, copy)
+    shutil.rmtree(os.path.join(copy, "units", "grid"))
+    shutil.rmtree(os.path.join(copy, "features"))
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        want = list(csv.reader(f))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    args = ["--dataset", "mvtec", "--root", tree, "--out", copy, "--grid", "coreset_fraction=0.05,0.2", "--grid",
+            "anomaly_scorer_num_nn=1,3", "--quiet", *MODEL_ARGS]
+    done = _two_processes([args, args], env)
+    assert [d[0] for d in done] == [0, 0], done[0][2][-2000:] + done[1][2][-2000:]
+    lines = done[0][1].splitlines()
+    assert [line.split()[0] for line in lines if re.match(r"\[\d+/\d+\] ", line)] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert "4 units run over 2 processes, 4 kept from before" in done[0][1]
+    assert not [line for line in done[1][1].splitlines() if not line.startswith("[Gloo]")]  # process 1 says nothing
+    with open(os.path.join(copy, "results.csv"), newline="") as f:
+        got = list(csv.reader(f))
+    timed = {i for i, c in enumerate(want[0]) if c.endswith("_s") or c == "seconds"}
+    assert [[c for i, c in enumerate(r) if i not in timed] for r in got] == \
+        [[c for i, c in enumerate(r) if i not in timed] for r in want]  # the same rows and metrics
+    assert len(os.listdir(os.path.join(copy, "units", "grid"))) == 4
+    leftovers = [f for d, _, fs in os.walk(copy) for f in fs if "tmp" in f]
+    assert not leftovers
+    # One process failing (here its data set is missing) stops both, neither waiting for the other.
+    bad = [a if a != tree else str(tmp_path / "missing") for a in args]
+    failed = _two_processes([args, bad], env)
+    assert failed[1][0] == 2 and "missing" in failed[1][2]
+    assert failed[0][0] == 1 and "process 1 stopped with an error" in failed[0][2]
+
+
 def test_a_finished_sweep_returns_at_once_and_changes_recompute_only_what_they_touch(swept, tree):
     out, grid, _ = swept
     again = patchcore_jax.sweep("mvtec", tree, BASE, out=out, grid=grid, seeds=[0])
@@ -117,6 +168,21 @@ def test_greedy_prefixes_equal_direct_coresets(n, seed):
 def test_bad_grids_are_refused_before_any_work(tree, tmp_path, capsys, grid, named):
     out = tmp_path / "S"
     code = cli.main(["sweep", "--dataset", "mvtec", "--root", tree, "--out", str(out), "--grid", grid, *MODEL_ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--coordinator", "127.0.0.1:1"], "give all three"),
+    (["--distributed", "--num-processes", "2"], "not both"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id: expected"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "--coordinator: expected HOST:PORT"),
+])
+def test_bad_cluster_options_are_refused_before_joining(tree, tmp_path, capsys, options, named):
+    out = tmp_path / "S"
+    code = cli.main(["sweep", "--dataset", "mvtec", "--root", tree, "--out", str(out), "--grid", "patch_size=3",
+                     *options, *MODEL_ARGS])
     err = capsys.readouterr().err
     assert code == 2 and named in err and len(err.strip().splitlines()) == 1
     assert not out.exists()

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-rule", choices=("published", "half"), default="published",
                    help="ground-truth pixels after resizing: published (only full 255 counts, as the published "
                         "code; default) or half (>= 128)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace category results in OUT made with other settings (default: refused; give a new "
+                        "--out, or compare settings with sweep)")
     add_model_options(p)
     p.set_defaults(func="cmd_evaluate")
 
@@ -133,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the cells and what they reuse, and stop")
     p.add_argument("--remove-features", action="store_true",
                    help="delete the extracted features (OUT/features/) when the sweep is done")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="several processes (hosts): process 0's address and a free port; every process runs the same "
+                        "command with --num-processes and its own --process-id (the units are split across them, "
+                        "process 0 writes OUT)")
+    p.add_argument("--num-processes", type=int, metavar="N", help="the number of processes (with --coordinator)")
+    p.add_argument("--process-id", type=int, metavar="I", help="this process's id, 0..N-1 (with --coordinator)")
+    p.add_argument("--distributed", action="store_true",
+                   help="several processes, found by JAX itself (TPU VMs, Slurm, Open MPI): no addresses needed")
     add_model_options(p)
     p.set_defaults(func="cmd_sweep")
 

@@ -266,13 +266,16 @@ def cmd_evaluate(args) -> int:
             tfds.disable_progress_bar()
     OutputDir.check(args.out, "evaluate")  # a folder in use: refused before the data set is read
     categories = datasets.load_categories(args.dataset, args.root, args.categories)
+    if not args.overwrite:  # refused before a model is built for the memory estimate
+        evaluate.check_other_settings(args.out, categories, evaluate.run_settings(
+            args.dataset, cfgs, mask_rule=args.mask_rule, source=args.source))
     memory.check_evaluate(new_model(cfg, quiet=True), categories)
     if any(c.weights is None for c in cfgs):
         say(random_backbone_note(cfgs))
     report = evaluate.evaluate(args.dataset, args.root, cfg, out=args.out, categories=args.categories,
                                source=args.source, tfds_dir=args.tfds_dir, heatmaps=args.heatmaps,
                                mask_rule=args.mask_rule, progress=progress_for(args.quiet), log=say,
-                               save_models=args.save_models)
+                               save_models=args.save_models, overwrite=args.overwrite)
     mean = report["mean"]
     say(f"mean over {len(report['categories'])} categories: image AUROC {evaluate.fmt(mean['image_auroc'])}  pixel AUROC "
          f"{evaluate.fmt(mean['pixel_auroc'])}  AU-PRO {evaluate.fmt(mean['au_pro'])}; "
@@ -282,26 +285,37 @@ def cmd_evaluate(args) -> int:
 
 # -- sweep ----------------------------------------------------------------------------------------------
 def cmd_sweep(args) -> int:
-    from patchcore_jax._src.app import evaluate, memory, sweep
+    from patchcore_jax._src.app import evaluate, memory, sweep, sweep_run
 
     if not args.grid:
         raise UsageError("--grid: give at least one KEY=V1,V2 (e.g. --grid coreset_fraction=0.01,0.1)")
+    # Before any JAX work: every process of a cluster runs this same command (docs/sweep.md).
+    sweep_run.join(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    import jax
+
+    lead = jax.process_index() == 0  # only process 0 reports (and writes)
+    tell = say if lead else (lambda message: None)
     cfg = evaluate.protocol_config(args.dataset, config_from_args(args), crop_given=args.crop is not None)
     start = time.perf_counter()
-    p = sweep.plan(args.dataset, args.root, cfg, grid=args.grid, seeds=args.seeds, categories=args.categories,
-                   mask_rule=args.mask_rule, out=args.out)
-    if args.dry_run:
-        for line in [*sweep.describe_plan(p), memory.describe_sweep(memory.sweep_estimate(p))]:
-            say(line)
-        return 0
-    memory.check_sweep(p)
-    if cfg.weights is None and any(u["done"] is None for u in p["units"]):
-        say(random_backbone_note(cfg))
-    report = sweep.sweep(args.dataset, args.root, cfg, out=args.out, grid=args.grid, seeds=args.seeds,
+    if args.dry_run or jax.process_count() == 1:  # several processes check the plan together, in the sweep
+        p = sweep.plan(args.dataset, args.root, cfg, grid=args.grid, seeds=args.seeds, categories=args.categories,
+                       mask_rule=args.mask_rule, out=args.out)
+        if args.dry_run:
+            for line in [*sweep.describe_plan(p), memory.describe_sweep(memory.sweep_estimate(p))]:
+                tell(line)
+            return 0
+        memory.check_sweep(p)
+        if cfg.weights is None and any(u["done"] is None for u in p["units"]):
+            tell(random_backbone_note(cfg))
+    elif cfg.weights is None:
+        tell(random_backbone_note(cfg))
+    report = sweep_run.sweep(args.dataset, args.root, cfg, out=args.out, grid=args.grid, seeds=args.seeds,
                          categories=args.categories, mask_rule=args.mask_rule, remove_features=args.remove_features,
-                         log=say)
-    say(f"{report['ran']} units run, {report['kept']} kept from before ({time.perf_counter() - start:.1f} s); wrote "
-        f"{os.path.join(args.out, 'results.csv')} and {os.path.join(args.out, 'table.md')}")
+                         log=tell)
+    processes = f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    tell(f"{report['ran']} units run{processes}, {report['kept']} kept from before "
+         f"({time.perf_counter() - start:.1f} s); wrote {os.path.join(args.out, 'results.csv')} and "
+         f"{os.path.join(args.out, 'table.md')}")
     return 0
 
 

@@ -7,7 +7,8 @@ image and pixel thresholds on the evaluated set itself, with precision, recall a
 optimistic figure: the threshold is chosen on the data it is scored on, as anomalib reports it). Each finished category is written at once
 (atomically) to `OUT/categories/<name>.json` with a fingerprint of its inputs (every image and mask
 file's path, size and modification time, and the settings); a rerun reuses a category only when its
-fingerprint is unchanged, and recomputes it otherwise (resumable, never stale). The report
+fingerprint is unchanged, and recomputes it when its files changed (resumable, never stale); results
+made with other settings are refused, not replaced, unless `overwrite`. The report
 (`results.json`, `results.csv`) holds every category and the mean over categories; `scores.csv` every
 test image's score; `heatmaps/<category>/` panels for every kind of test image (good and each defect).
 """
@@ -190,16 +191,62 @@ def _read_previous(path: str) -> dict | None:
         raise ValueError(f"{display(path)}: corrupt category result ({err}); delete it to recompute the category") from None
 
 
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def settings_changes(before: dict, now: dict) -> list[str]:
+    """The settings that differ, as `name before -> now` (config fields without their `config.`)."""
+    a, b = _flat(before), _flat(json.loads(json.dumps(now)))
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            name = key.removeprefix("config.")
+            changes.append(f"{name} {json.dumps(a.get(key))} -> {json.dumps(b.get(key))}")
+    return changes
+
+
+def run_settings(dataset: str, configs: list, *, mask_rule: str, source: str) -> dict:
+    """What a category's result depends on besides its files: recorded with it, compared on a rerun."""
+    config = configs[0].to_dict() if len(configs) == 1 else [c.to_dict() for c in configs]
+    return {"dataset": dataset, "config": config, "mask_rule": mask_rule, "source": source}
+
+
+def check_other_settings(out: str, cats, settings: dict) -> None:
+    """Refuses (ValueError, one line) to write into `out` when it holds category results made with
+    other settings, which this run would replace: naming the categories and the settings that differ."""
+    changed, changes = [], []
+    for cat in cats:
+        previous = _read_previous(os.path.join(out, "categories", f"{cat.name}.json"))
+        if previous is None or not isinstance(previous.get("settings"), dict):
+            continue
+        diff = settings_changes(previous["settings"], settings)
+        if diff:
+            changed.append(cat.name)
+            changes += [d for d in diff if d not in changes]
+    if changed:
+        raise ValueError(f"{display(out)}: holds results of {', '.join(changed)} made with other settings "
+                         f"({'; '.join(changes)}); give a new --out (or compare settings with 'patchcore-jax "
+                         "sweep'), or --overwrite to replace them")
+
+
 def evaluate(dataset: str, root: str, config, *, out: str, categories=None, source: str = "folder",
              tfds_dir: str | None = None, heatmaps: int = 2, mask_rule: str = "published", progress=None,
-             log: Callable[[str], None] = lambda message: None, save_models: bool = False) -> dict:
+             log: Callable[[str], None] = lambda message: None, save_models: bool = False,
+             overwrite: bool = False) -> dict:
     """Runs the protocol and writes `out/` (see the module docstring); returns the report.
 
     `config` is a `PatchCoreConfig`, or a list of them for an ensemble, used as given (see
     `protocol_config` for the data set's geometry). `log` receives one line per category. `heatmaps`:
     panels drawn per kind of test image (good and every defect type). `save_models`: each category's
     fitted model is also written to `out/models/<category>/` (a category kept from an earlier run is
-    fitted again when its model folder is missing).
+    fitted again when its model folder is missing). An `out` holding category results made with other
+    settings is refused before any work (ValueError naming them), unless `overwrite` (then they are
+    computed again and replaced).
     """
     from patchcore_jax._src.api.ensemble import PatchCoreEnsemble
     from patchcore_jax._src.api.patchcore import PatchCore
@@ -223,16 +270,17 @@ def evaluate(dataset: str, root: str, config, *, out: str, categories=None, sour
         if config.resize != tfds_builders.RESIZE:
             raise ValueError(f"resize {config.resize}: TFDS preparations are stored at {tfds_builders.RESIZE}; "
                              "use the folder source")
-    OutputDir.check(out, "evaluate")
+    out = OutputDir.check(out, "evaluate")
     cats = datasets.load_categories(dataset, root, categories)
     squash = config.geometry == "squash"
     for cat in cats:
         if cat.squash != squash:
             raise ValueError(f"geometry {config.geometry!r}: the {dataset} protocol uses "
                              f"{'squash' if cat.squash else 'center_crop'} (see protocol_config)")
+    settings = run_settings(dataset, configs, mask_rule=mask_rule, source=source)
+    if not overwrite:
+        check_other_settings(out, cats, settings)
     outdir = OutputDir.claim(out, "evaluate", keep=True)
-    settings = {"dataset": dataset, "config": config.to_dict() if len(configs) == 1 else [c.to_dict() for c in configs],
-                "mask_rule": mask_rule, "source": source}
     per_category = {}
     for i, cat in enumerate(cats, 1):
         rel = os.path.join("categories", f"{cat.name}.json")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
 
 from patchcore_jax._src.app import evaluate as evaluate_lib
 from patchcore_jax._src.app import sweep_grid, sweep_report
@@ -120,49 +119,66 @@ def describe_plan(p: dict) -> list[str]:
     return lines
 
 
-def sweep(dataset: str, root: str, config: PatchCoreConfig | None = None, *, out: str, grid, seeds=(0,),
-          categories=None, mask_rule: str = "published", dry_run: bool = False, remove_features: bool = False,
-          log: Callable[[str], None] = lambda message: None) -> dict:
-    """Runs (or, with `dry_run`, describes) a sweep; see the module docstring. Returns
-    `{"results": rows as in results.csv, "ran": units computed now, "kept": units reused, "out": S}`.
-
-    `config`: the fixed base of every cell (the data set's protocol geometry applied, see
-    `evaluate.protocol_config`). `grid`: `{key: [values]}` or `["KEY=V1,V2", ...]`. `seeds`: the seeds
-    of every cell (`"0,1,2"` or a sequence). `log` receives one line per unit with an estimate of the
-    time left."""
-    p = plan(dataset, root, config, grid=grid, seeds=seeds, categories=categories, mask_rule=mask_rule, out=out)
-    if dry_run:
-        for line in describe_plan(p):
-            log(line)
-        return {"plan": p, "results": [], "ran": 0, "kept": sum(u["done"] is not None for u in p["units"]), "out": p["out"]}
-    todo = [u for u in p["units"] if u["done"] is None]
-    outdir = OutputDir.claim(p["out"], "sweep", keep=True)
-    if todo:
-        _run(p, todo, outdir, dataset=dataset, mask_rule=mask_rule, log=log)
-    rows = [_row(u) for u in p["units"]]
-    _write_reports(outdir, p, rows)
-    if remove_features:
-        n = feature_store.remove(outdir.path(feature_store.FOLDER))
-        log(f"removed the feature store ({n} files) from {display(outdir.path(feature_store.FOLDER))}")
-    return {"results": rows, "ran": len(todo), "kept": len(p["units"]) - len(todo), "out": p["out"]}
-
-
-def _row(u: dict) -> dict:
+def row(u: dict) -> dict:
+    """A finished unit's row of results.csv (`sweep_report.results_csv`)."""
     d = u["done"]
     return {"category": u["category"].name, "values": dict(u["cell"].values), "seed": u["seed"],
             "result": d["result"], "stages": d["stages"]}
 
 
-def _run(p: dict, todo: list, outdir: OutputDir, *, dataset: str, mask_rule: str, log) -> None:
+def store_for(outdir: OutputDir | None, out: str | None = None):
+    """The feature store of each key under the sweep's folder: written through `outdir`, or (None: a
+    process other than process 0) read from `out`'s store and never written."""
+    if outdir is None:
+        return lambda key: feature_store.FeatureStore(os.path.join(out, feature_store.FOLDER), key, keep=False)
+    root = outdir.path(feature_store.FOLDER)
+    return lambda key: feature_store.FeatureStore(root, key, write=outdir.write)
+
+
+def record(outdir: OutputDir, p: dict, units: list) -> None:
+    """Writes finished units' files (each atomically) and results.csv with every unit finished so far."""
+    for u in units:
+        outdir.write_json(u["rel"], u["done"])
+    done_units = [x for x in p["units"] if x["done"] is not None]
+    outdir.write_text("results.csv", sweep_report.results_csv(p["keys"], [row(x) for x in done_units]))
+
+
+def progress_line(u: dict, finished: int, total: int, start: float) -> str:
+    """The log line of the `finished`-th of `total` units, with an estimate of the time left."""
+    result = u["done"]["result"]
+    eta = (time.perf_counter() - start) / finished * (total - finished)
+    return (f"[{finished}/{total}] {u['category'].name} | {u['cell'].label} | seed {u['seed']}: image AUROC "
+            f"{evaluate_lib.fmt(result['image_auroc'])}  pixel AUROC {evaluate_lib.fmt(result['pixel_auroc'])}  "
+            f"AU-PRO {evaluate_lib.fmt(result['au_pro'])}  ({result['seconds']} s; about {_duration(eta)} left)")
+
+
+def finish(outdir: OutputDir, p: dict, *, remove_features: bool, log) -> list:
+    """Writes the reports of a sweep whose units are all done (and removes the feature store if
+    asked); returns the rows."""
+    rows = [row(u) for u in p["units"]]
+    _write_reports(outdir, p, rows)
+    if remove_features:
+        n = feature_store.remove(outdir.path(feature_store.FOLDER))
+        log(f"removed the feature store ({n} files) from {display(outdir.path(feature_store.FOLDER))}")
+    return rows
+
+
+def work_order(units: list) -> list:
+    """`units` by category, and within a category by score group (first appearance): the order
+    `compute` runs them in, so a contiguous block of it shares taps, coresets and searches."""
+    from patchcore_jax._src.app.sweep_cells import score_group
+
+    groups: dict = {}
+    key = lambda u: groups.setdefault((u["category"].name, score_group(u["config"], u["cell"].shots)), len(groups))  # noqa: E731
+    cats = {c.name: i for i, c in enumerate(dict.fromkeys(u["category"] for u in units))}
+    return sorted(units, key=lambda u: (cats[u["category"].name], key(u)))
+
+
+def compute(p: dict, todo: list, store_for, *, dataset: str, mask_rule: str):
+    """Computes `todo`'s units on this process's default device, category by category, sharing taps,
+    features, coresets and searches; yields each unit as it finishes, its `done` set (not written)."""
     from patchcore_jax._src.app.sweep_cells import CategoryWork, bank_group, feature_key, score_group, shares_prefix
 
-    store_root = outdir.path(feature_store.FOLDER)
-
-    def store_for(key):
-        return feature_store.FeatureStore(store_root, key, write=outdir.write)
-
-    start, total = time.perf_counter(), len(todo)
-    finished = 0
     for cat in p["categories"]:
         units = [u for u in todo if u["category"] is cat]
         if not units:
@@ -192,15 +208,7 @@ def _run(p: dict, todo: list, outdir: OutputDir, *, dataset: str, mask_rule: str
             u["done"] = {"fingerprint": u["fingerprint"], "category": cat.name, "values": dict(u["cell"].values),
                          "seed": u["seed"], "config": cfg.to_dict(), "shots": u["cell"].shots, "result": result,
                          "stages": stages}
-            outdir.write_json(u["rel"], u["done"])
-            finished += 1
-            done_units = [x for x in p["units"] if x["done"] is not None]
-            outdir.write_text("results.csv", sweep_report.results_csv(p["keys"], [_row(x) for x in done_units]))
-            elapsed = time.perf_counter() - start
-            eta = elapsed / finished * (total - finished)
-            log(f"[{finished}/{total}] {cat.name} | {u['cell'].label} | seed {u['seed']}: image AUROC "
-                f"{evaluate_lib.fmt(result['image_auroc'])}  pixel AUROC {evaluate_lib.fmt(result['pixel_auroc'])}  "
-                f"AU-PRO {evaluate_lib.fmt(result['au_pro'])}  ({result['seconds']} s; about {_duration(eta)} left)")
+            yield u
 
 
 def _duration(seconds: float) -> str:

@@ -44,11 +44,12 @@ class FeatureStore:
     """The taps of one feature key under `root` (`S/features`); see the module docstring.
 
     `write(rel, writer)`: how files are created (an `OutputDir.write`, so the sweep's output folder
-    records them); `rel` is relative to the sweep's folder, which holds `root`.
+    records them); `rel` is relative to the sweep's folder, which holds `root`. `keep=False`: a store
+    that reads but never writes (`save` keeps nothing: a sweep's process other than process 0).
     """
 
-    def __init__(self, root: str, key: dict, *, write=None, prefix: str = FOLDER):
-        self.key = key
+    def __init__(self, root: str, key: dict, *, write=None, prefix: str = FOLDER, keep: bool = True):
+        self.key, self.keep = key, keep
         self.name = key_name(key)
         self.folder = os.path.join(root, self.name)
         self.prefix = os.path.join(prefix, self.name)
@@ -79,7 +80,9 @@ class FeatureStore:
         return array
 
     def save(self, category: str, layer: str, inputs: str, array: np.ndarray) -> None:
-        """Writes the tap and then its seal, each atomically."""
+        """Writes the tap and then its seal, each atomically (nothing in a store made with `keep=False`)."""
+        if not self.keep:
+            return
         array = np.ascontiguousarray(array, np.float32)
         if not os.path.exists(os.path.join(self.folder, "key.json")):
             self._write(os.path.join(self.prefix, "key.json"),

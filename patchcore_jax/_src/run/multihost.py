@@ -155,3 +155,15 @@ def drain(batch: GlobalBatch, empty: np.ndarray, run, *, failed: bool = False) -
         if not counts.any():
             return
         run(batch.place(empty))
+
+
+def exchange_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order (a collective: every process calls it the same number
+    of times). The lengths are exchanged first; the bytes travel padded to a power of two, so payloads
+    of similar sizes share one compiled gather."""
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(data))), np.int64).reshape(-1)
+    width = 1 << max(int(sizes.max()), 1).bit_length()
+    buf = np.zeros(width, np.uint8)
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
+    got = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), width)
+    return [got[i, : sizes[i]].tobytes() for i in range(len(sizes))]
