@@ -145,6 +145,10 @@ oracle = _Oracle()
 
 # A small model that compiles and fits in seconds: the shared setting of the model-level tests.
 SMALL = dict(backbone="resnet18", resize=72, crop=64, pretrain_dim=64, target_dim=64, num_neighbors=3, batch_size=4)
+# The same setting on the command line (then --quiet), so that command-line runs reuse the programs the
+# model-level tests compiled (one compilation cache serves the whole run, see conftest.py).
+CLI_SMALL = ["--backbone", "resnet18", "--resize", "72", "--crop", "64", "--pretrain-dim", "64", "--target-dim", "64",
+             "--neighbors", "3", "--batch-size", "4", "--quiet"]
 
 
 def quiet_model(base: dict, **changes):
@@ -161,3 +165,28 @@ def quiet_model(base: dict, **changes):
 
 def small_model(**changes):
     return quiet_model(SMALL, **changes)
+
+
+def cli_here(*args, cwd=None):
+    """`patchcore-jax ARGS` run in this process (the interpreter and JAX loaded already), for checks of
+    a command's refusals and outputs; what needs a process of its own (signals, the environment, a
+    kill, a traceback with --debug, loading without JAX) keeps `subprocess`.
+    Returns a `subprocess.CompletedProcess` with `returncode`, `stdout` and `stderr`, as `run` does."""
+    import contextlib
+    import io
+    import subprocess
+
+    from patchcore_jax._src.app import cli
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as stop:  # argparse's own refusals
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

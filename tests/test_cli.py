@@ -11,7 +11,7 @@ from PIL import Image
 
 from patchcore_jax.data import make_synthetic
 
-SMALL = ["--backbone", "resnet18", "--resize", "72", "--crop", "64", "--neighbors", "3", "--quiet"]
+from tests.helpers import CLI_SMALL as SMALL, cli_here
 
 
 def run(*args, cwd=None):
@@ -62,18 +62,18 @@ def test_fit_then_predict_through_folders(tmp_path):
 
 
 def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path):
-    r = run("fit")
+    r = cli_here("fit")
     assert r.returncode == 2 and "--train" in r.stderr
-    r = run("predict", "--model", str(tmp_path / "absent"), str(tmp_path), "--out", str(tmp_path / "o"))
+    r = cli_here("predict", "--model", str(tmp_path / "absent"), str(tmp_path), "--out", str(tmp_path / "o"))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "absent" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "broken.png").write_bytes(b"\x89PNG not really")
-    r = run("fit", "--train", str(tmp_path / "train"), "--out", str(tmp_path / "m"), *SMALL)
+    r = cli_here("fit", "--train", str(tmp_path / "train"), "--out", str(tmp_path / "m"), *SMALL)
     assert r.returncode == 2 and "broken.png" in r.stderr and "Traceback" not in r.stderr
-    r = run("demo", "--coreset", "1.5")
+    r = cli_here("demo", "--coreset", "1.5")
     assert r.returncode == 2 and "--coreset: expected a number in (0, 1], got 1.5" in r.stderr
-    r = run("convert-weights", "in.pth", "out.bin")
+    r = cli_here("convert-weights", "in.pth", "out.bin")
     assert r.returncode == 2 and "safetensors" in r.stderr
 
 
@@ -117,7 +117,7 @@ def _tree(folder):
 
 def test_out_that_is_not_ours_is_refused_before_any_work(project, tmp_path):
     before = _tree(project)
-    r = run("fit", "--train", "train", "--out", ".", *SMALL, cwd=project)
+    r = cli_here("fit", "--train", "train", "--out", ".", *SMALL, cwd=project)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "is not a patchcore-jax model" in r.stderr
     assert _tree(project) == before and (project / "README.md").read_text() == "my project"
@@ -128,12 +128,12 @@ def test_out_that_is_not_ours_is_refused_before_any_work(project, tmp_path):
     for cmd in (["fit", "--train", str(project / "train"), *SMALL],
                 ["predict", "--model", str(project / "model"), str(project / "test")],
                 ["demo", "--train", "1", *SMALL]):
-        r = run(*cmd[:1], "--out", str(notes), *cmd[1:])
+        r = cli_here(*cmd[:1], "--out", str(notes), *cmd[1:])
         assert r.returncode == 2, (cmd, r.stderr)
         assert "notes" in r.stderr and r.stderr.count("\n") == 1
     assert sorted(os.listdir(notes)) == ["config.json", "scores.csv"] and (notes / "scores.csv").read_text() == "mine"
     (tmp_path / "file").write_text("x")
-    r = run("predict", "--model", str(project / "model"), str(project / "test"), "--out", str(tmp_path / "file"))
+    r = cli_here("predict", "--model", str(project / "model"), str(project / "test"), "--out", str(tmp_path / "file"))
     assert r.returncode == 2 and "file: exists and is not a folder" in r.stderr
 
 
@@ -153,7 +153,7 @@ def test_arguments_are_checked_before_any_work(project, tmp_path):
     for args, message in cases:
         pairs = [SMALL[i:i + 2] for i in range(0, len(SMALL) - 1, 2)]  # (option, value), then --quiet
         small = [a for pair in pairs if pair[0] not in args for a in pair] + ["--quiet"]
-        r = run(*args, *(small if args[0] != "predict" else ["--quiet"]))
+        r = cli_here(*args, *(small if args[0] != "predict" else ["--quiet"]))
         assert r.returncode == 2, (args[5:], r.stderr)
         assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (args, r.stderr)
     assert os.listdir(tmp_path) == []  # nothing was written for any of them
@@ -220,13 +220,13 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_a_killed_predict_leaves_the_rows_it_scored(project, tmp_path):
-    files = [str(project / "test" / f"{i:03d}.png") for i in range(4)] * 3  # 12 images, batch size 8
+    files = [str(project / "test" / f"{i:03d}.png") for i in range(4)] * 3  # 12 images, batch size 4
     r = subprocess.run([sys.executable, "-c", KILLED_PREDICT, "predict", "--model", str(project / "model"), *files,
                         "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 137, r.stderr
     with open(tmp_path / "o" / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["path"] for r in rows] == files[:8]  # the first batch, complete and in order
+    assert [r["path"] for r in rows] == files[:4]  # the first batch, complete and in order
     assert all(float(r["score"]) >= 0 for r in rows)
 
 
@@ -247,13 +247,13 @@ def test_hostile_files_are_named_before_any_work(project, tmp_path):
         folder.mkdir()
         Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(folder / "ok.png")
         make(folder / name)
-        r = run("fit", "--train", str(folder), "--out", str(tmp_path / f"m-{name}"), *SMALL)
+        r = cli_here("fit", "--train", str(folder), "--out", str(tmp_path / f"m-{name}"), *SMALL)
         assert r.returncode == 2 and name in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert not (tmp_path / f"m-{name}").exists()
     state = weights.state_dict_of(build("resnet18", ("layer2", "layer3")))
     state["layer2.0.conv1.weight"][0, 0, 0, 0] = np.nan
     weights.save_safetensors(state, tmp_path / "nan.safetensors")
-    r = run("fit", "--train", str(project / "train"), "--out", str(tmp_path / "m-nan"), "--weights",
-            str(tmp_path / "nan.safetensors"), *SMALL)
+    r = cli_here("fit", "--train", str(project / "train"), "--out", str(tmp_path / "m-nan"), "--weights",
+                 str(tmp_path / "nan.safetensors"), *SMALL)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "nan.safetensors" in r.stderr and "NaN or infinite values in 1 tensors: layer2.0.conv1.weight" in r.stderr

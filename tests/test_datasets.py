@@ -9,7 +9,8 @@ from patchcore_jax._src.io.data import datasets as datasets
 from patchcore_jax._src.model.geometry import ImageGeometry
 from tests import dataset_trees
 
-SMALL = ["--backbone", "resnet18", "--neighbors", "3", "--quiet", "--heatmaps", "2"]
+SMALL = ["--backbone", "resnet18", "--neighbors", "3", "--pretrain-dim", "64", "--target-dim", "64", "--batch-size", "4",
+         "--quiet", "--heatmaps", "2"]
 
 
 @pytest.fixture(scope="module")

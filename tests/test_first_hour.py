@@ -20,10 +20,9 @@ from PIL import Image
 
 from patchcore_jax._src.app import console, records, visualize
 from patchcore_jax.data import make_synthetic
-from tests.helpers import small_model
+from tests.helpers import CLI_SMALL, cli_here, small_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CLI_SMALL = ["--backbone", "resnet18", "--resize", "72", "--crop", "64", "--neighbors", "3", "--quiet"]
 
 
 def run(*args, env=None, cwd=None):
@@ -116,8 +115,8 @@ def test_scores_csv_masks_and_panels_agree(project, tmp_path):
              "all-fine": ["--threshold", "1e9", "--pixel-threshold=-1e9"]}
     for name, extra in cases.items():
         out = tmp_path / name
-        r = run("predict", "--model", str(model), str(project / "test"), "--out", str(out), "--save-masks",
-                "--no-heatmaps", *extra, "--quiet")
+        r = cli_here("predict", "--model", str(model), str(project / "test"), "--out", str(out), "--save-masks",
+                     "--no-heatmaps", *extra, "--quiet")
         assert r.returncode == 0, r.stderr
         rows = _rows(out / "scores.csv")
         assert len(rows) == 9
@@ -145,8 +144,8 @@ def test_a_plain_fit_sets_a_default_threshold_and_says_how(project, tmp_path):
     assert "a fold of 1 of the 6 training images" in rule and "held-out good image scores" in rule
     assert "default thresholds from the training images" in (project / "fit.stdout").read_text()
     out = tmp_path / "pred"
-    r = run("predict", "--model", str(project / "model"), str(project / "test"), "--out", str(out), "--quiet",
-            "--no-heatmaps")
+    r = cli_here("predict", "--model", str(project / "model"), str(project / "test"), "--out", str(out), "--quiet",
+                 "--no-heatmaps")
     assert r.returncode == 0, r.stderr
     rows = _rows(out / "scores.csv")
     assert all(r["anomalous"] in ("0", "1") and r["normalized_score"] != "" for r in rows)
@@ -271,11 +270,12 @@ def test_skip_unreadable_scores_the_rest_and_names_what_it_skipped(project, tmp_
     (src / "b.png").write_bytes(good)
     (src / "garbage.png").write_bytes(b"\x89PNG not an image at all")
     (src / "truncated.png").write_bytes(good[: len(good) // 2])  # a good header, half the pixels
-    r = run("predict", "--model", str(project / "model"), str(src), "--out", str(tmp_path / "strict"), "--quiet")
+    r = cli_here("predict", "--model", str(project / "model"), str(src), "--out", str(tmp_path / "strict"), "--quiet")
     assert r.returncode == 2 and "garbage.png" in r.stderr  # without the option: as before, nothing written
     assert not (tmp_path / "strict").exists()
     out = tmp_path / "skip"
-    r = run("predict", "--model", str(project / "model"), str(src), "--out", str(out), "--quiet", "--skip-unreadable")
+    r = cli_here("predict", "--model", str(project / "model"), str(src), "--out", str(out), "--quiet",
+                 "--skip-unreadable")
     assert r.returncode == 3, r.stderr
     assert "garbage.png" in r.stderr and "truncated.png" in r.stderr and "skipped 2 unreadable files" in r.stderr
     assert [os.path.basename(row["path"]) for row in _rows(out / "scores.csv")] == ["a.png", "b.png"]
@@ -344,12 +344,12 @@ def test_validation_takes_the_mvtec_layout_and_refuses_what_it_cannot_read(tmp_p
     meta = json.loads((model / "config.json").read_text())
     assert meta["thresholds"]["pixel"]["rule"].startswith("F1-optimal over the pixels")
     (bottle / "ground_truth" / "scratch" / "001_mask.png").unlink()
-    r = run("fit", "--train", str(bottle / "train"), "--out", str(tmp_path / "m2"), "--validation", str(bottle),
-            *CLI_SMALL)
+    r = cli_here("fit", "--train", str(bottle / "train"), "--out", str(tmp_path / "m2"), "--validation", str(bottle),
+                 *CLI_SMALL)
     assert r.returncode == 2 and "001_mask.png" in r.stderr and r.stderr.count("\n") == 1
     (bottle / "ground_truth" / "scratch" / "001_mask.png").write_bytes(b"not a png")
-    r = run("fit", "--train", str(bottle / "train"), "--out", str(tmp_path / "m3"), "--validation", str(bottle / "test"),
-            *CLI_SMALL)
+    r = cli_here("fit", "--train", str(bottle / "train"), "--out", str(tmp_path / "m3"), "--validation",
+                 str(bottle / "test"), *CLI_SMALL)
     assert r.returncode == 2 and "001_mask.png" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
 

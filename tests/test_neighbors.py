@@ -97,15 +97,6 @@ def test_approximate_jax_search_recall():
     assert np.all(np.diff(np.asarray(got_d), axis=1) >= 0)
 
 
-def test_pynndescent_recall_against_exact():
-    bank, queries = gaussian(8, (1500, 16)), gaussian(9, (200, 16))
-    _, want = reference.nearest_neighbors(bank, queries, 1)
-    got_d, got = reference.approximate_nearest_neighbors(bank, queries, 1, epsilon=0.3)
-    recall = float(np.mean(got[:, 0] == want[:, 0]))
-    assert recall >= 0.95, recall
-    np.testing.assert_allclose(got_d[:, 0], np.linalg.norm(bank[got[:, 0]] - queries, axis=1))
-
-
 @pytest.mark.parametrize("backend", [reference, patchcore_jax])
 def test_bad_input(backend):
     bank = np.ones((4, 3))

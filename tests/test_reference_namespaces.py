@@ -112,6 +112,17 @@ def test_anomaly_maps(name, seed, out, sigma):
     check_namespace(name, lambda s: reference.gaussian_blur_1d(s, sigma, axis=2), scores)
 
 
+def test_pynndescent_recall_against_exact():
+    # Beside the namespace test below: pynndescent's numba code compiles once per test process
+    # (tens of seconds), and tests are grouped by module across workers.
+    bank, queries = gaussian(8, (1500, 16)), gaussian(9, (200, 16))
+    _, want = reference.nearest_neighbors(bank, queries, 1)
+    got_d, got = reference.approximate_nearest_neighbors(bank, queries, 1, epsilon=0.3)
+    recall = float(np.mean(got[:, 0] == want[:, 0]))
+    assert recall >= 0.95, recall
+    np.testing.assert_allclose(got_d[:, 0], np.linalg.norm(bank[got[:, 0]] - queries, axis=1))
+
+
 @pytest.mark.parametrize("name", NAMESPACES)
 def test_approximate_nearest_neighbors(name):
     # pynndescent runs on NumPy at the boundary; the same graph (same seed) gives the same rows.
