@@ -26,9 +26,7 @@ from patchcore_jax._src.model.backbone import build
 from patchcore_jax.data import make_synthetic
 from patchcore_jax._src.api.patchcore import PatchCore
 from tests import dataset_trees
-from tests.helpers import small_model
-
-CLI_SMALL = ["--backbone", "resnet18", "--resize", "72", "--crop", "64", "--neighbors", "3", "--quiet"]
+from tests.helpers import CLI_SMALL, cli_here, small_model
 
 
 @pytest.fixture(scope="module")
@@ -331,9 +329,8 @@ def test_fit_with_a_validation_set_and_predict_in_the_full_frame(tmp_path):
     shutil.copytree(root / "bottle" / "test", val)
     shutil.copytree(root / "bottle" / "ground_truth", val / "ground_truth")
     model = tmp_path / "model"
-    r = subprocess.run([sys.executable, "-m", "patchcore_jax.cli", "fit", "--train", str(root / "bottle" / "train"),
-                        "--out", str(model), "--validation", str(val), *CLI_SMALL], capture_output=True, text=True,
-                       timeout=600)
+    r = cli_here("fit", "--train", str(root / "bottle" / "train"), "--out", str(model), "--validation", str(val),
+                 *CLI_SMALL)
     assert r.returncode == 0, r.stderr
     assert "image threshold" in r.stdout and "pixel threshold" in r.stdout and "F1-optimal on 5 validation" in r.stdout
     meta = json.loads((model / "config.json").read_text())
@@ -343,9 +340,8 @@ def test_fit_with_a_validation_set_and_predict_in_the_full_frame(tmp_path):
     wide.mkdir()
     Image.fromarray(np.zeros((60, 150, 3), np.uint8) + 128).save(wide / "strip.png")
     out = tmp_path / "pred"
-    r = subprocess.run([sys.executable, "-m", "patchcore_jax.cli", "predict", "--model", str(model), str(wide), "--out",
-                        str(out), "--full-frame", "--save-maps", "--save-masks", "--quiet"],
-                       capture_output=True, text=True, timeout=600)
+    r = cli_here("predict", "--model", str(model), str(wide), "--out", str(out), "--full-frame", "--save-maps",
+                 "--save-masks", "--quiet")
     assert r.returncode == 0, r.stderr
     amap = np.load(out / "maps" / "strip.npy")
     assert amap.shape == (60, 150) and np.isnan(amap[:, :20]).all() and np.isfinite(amap[5:55, 60:90]).all()
