@@ -33,16 +33,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import patchcore_jax as pj  # noqa: E402
-from patchcore_jax._src.stages.search import brute, common  # noqa: E402
+from patchcore_jax._src.stages.search import brute, brute_fused, common  # noqa: E402
 
 N, Q, D = 20_000, 3_136, 1024
 
 
 def matmul_floor(index, queries):
-    """XLA's product on the search's tiles (`brute.query_blocks` x `index.block`), then a row minimum."""
-    blocks = brute.query_blocks(index, queries, common.QUERY_BLOCK)
-    n_blocks = index.rows.shape[0] // index.block
-    rows = index.rows.reshape(n_blocks, index.block, -1)
+    """XLA's product on the search's tiles (`brute.search_jit`'s query tiles x `brute_fused.layout`'s
+    sub-blocks of the bank), then a row minimum."""
+    sub, _ = brute_fused.layout(index)
+    blocks = brute.query_blocks(index, queries, common.QUERY_BLOCK * (index.block // sub), multiple=brute_fused.CHUNK)
+    rows = index.rows.reshape(index.rows.shape[0] // sub, sub, -1)
 
     def tile(qb):
         def body(best, b_rows):

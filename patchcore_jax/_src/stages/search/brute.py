@@ -5,6 +5,10 @@ The exact search walks the bank in blocks for each block of queries (`lax.map` o
 whatever the bank's size. The bank is prepared once (`BankIndex`: centred, scaled by a power of two,
 padded, squared norms cached) and reused across calls.
 
+One device searches through `brute_fused` (sub-blocks of 256 rows against whole query tiles, only
+minimum reductions after each product: the faster shape on CPU); `search_block` below, the running
+list, is the search of one shard of a sharded bank (`run.sharding`). Both are exact the same way.
+
 Why the result is exact, not merely usually right:
 - Ranking uses `||b||^2 - 2 q.b` (the query's own norm is a constant per query), less its
   worst-case float32 error `gamma (||b||^2 + 2 ||q|| ||b||)`, `gamma = (D + 4) eps / 2` (Higham's bound

@@ -28,20 +28,29 @@ SUB_BLOCK = 256  # bank rows per product: with a tile of all queries, XLA:CPU's 
 GROUP = 4  # rows per group: the candidates of one group key
 FIRST_LIST = 1  # groups beyond k in every query's list
 SECOND_LIST = 7  # groups beyond k in the list of a query that the first list does not certify
-CHUNK = 8  # queries re-ranked together (a chunk takes the second list only if one of them needs it; 8: with 32, 1 query in 30 uncertified
-# by the first list of a 20k x 1024 Gaussian bank sent half of the chunks to the second)
-_INF_KEY = 0x7F800000  # the order-preserving integer of +inf: marks a group already taken
+# Queries re-ranked together: a chunk takes the second list only if one of them needs it. On a 20k x 1024
+# Gaussian bank a first list of k + 1 groups leaves 1 query in 500 uncertified (k groups: 1 in 27), so
+# chunks of 32 sent 6% of the chunks to the second list; chunks of 8 send fewer.
+CHUNK = 8
+_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}  # the integer of each float width
 
 
 def sortable(x):
-    """float32 -> int32 with the same order (negative floats have their magnitude bits flipped)."""
-    i = jax.lax.bitcast_convert_type(x, jnp.int32)
-    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
+    """Floats -> integers of the same width, in the same order (negative floats have their magnitude
+    bits flipped)."""
+    itype = _INT[x.dtype.itemsize]
+    i = jax.lax.bitcast_convert_type(x, itype)
+    return jnp.where(i < 0, i ^ jnp.iinfo(itype).max, i)
 
 
-def unsortable(s):
-    """The inverse of `sortable`."""
-    return jax.lax.bitcast_convert_type(jnp.where(s < 0, s ^ 0x7FFFFFFF, s), jnp.float32)
+def unsortable(s, dtype):
+    """The inverse of `sortable`, back to floats `dtype`."""
+    return jax.lax.bitcast_convert_type(jnp.where(s < 0, s ^ jnp.iinfo(s.dtype).max, s), dtype)
+
+
+def inf_key(dtype):
+    """The key of +inf (marks a group already taken; above every finite or padding key)."""
+    return sortable(jnp.asarray(jnp.inf, dtype))
 
 
 def layout(index):
@@ -52,10 +61,10 @@ def layout(index):
 
 
 def group_keys(q, w, q_norm, gamma, index, k):
-    """`(Q, D)` scaled queries -> `(keys (Q, G), floor (Q,), bits)`: each sub-block's `min(k, groups)`
-    smallest group keys (order-preserving int32, the group's position in the low `bits` bits, rounded
-    down: each at most the key lower bound of every row of its group), group `s * t + i` of the output
-    from sub-block `s`; and per query the least key of the groups not handed on."""
+    """`(Q, D)` scaled queries -> `(keys (Q, G), floor (Q,), bits)`: each sub-block's `t = min(k,
+    groups)` smallest group keys (order-preserving integers, `sortable`, rounded down and the group's
+    position in the low `bits` bits: each at most the key lower bound of every row of its group), key
+    `s * t + i` from sub-block `s`; and per query the least key of the groups not handed on."""
     sub, gs = layout(index)
     per = sub // gs
     bits = max(per - 1, 1).bit_length()
@@ -63,34 +72,42 @@ def group_keys(q, w, q_norm, gamma, index, k):
     n_sub = index.rows.shape[0] // sub
     rows = index.rows.reshape(n_sub, sub, -1)
     norms = index.sq_norms.reshape(n_sub, sub)
-    pos = jnp.arange(sub, dtype=jnp.int32) % per
+    top = inf_key(q.dtype)
+    pos = jnp.arange(per, dtype=top.dtype)
+    # `common.rank_lower_bounds` with its per-query and per-row factors drawn out of the loop and -2
+    # folded into the queries (exact): one multiply-add and one product term per key. Padding rows
+    # (infinite norm) get infinite keys without a select, as the query factor is positive.
+    q2 = -2.0 * q
+    norm_factor = (w * (1.0 - 2.0 * gamma))[:, None]
+    cross_factor = (4.0 * gamma * q_norm)[:, None]
+    b_norm = jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0.0))
 
     def body(floor, inputs):
-        b_rows, b_norms = inputs
-        lb = common.rank_lower_bounds(q, w, b_rows, b_norms, q_norm, gamma)
+        b_rows, b_norms, b_norm = inputs
+        lb = b_norms[None, :] * norm_factor + jnp.dot(q2, b_rows.T, precision=common.HIGHEST) - cross_factor * b_norm
+        lb = jnp.min(lb.reshape(q.shape[0], gs, per), axis=1)
         # Rounded down by one whole unit of the low bits, so the position never raises the key.
-        packed = (((sortable(lb) >> bits) - 1) << bits) | pos
-        keys = jnp.min(packed.reshape(q.shape[0], gs, per), axis=1)
+        keys = (((sortable(lb) >> bits) - 1) << bits) | pos
         best = []
         for _ in range(t):
             m = jnp.min(keys, axis=1)
-            keys = jnp.where(keys == m[:, None], _INF_KEY, keys)  # positions make the keys distinct
+            keys = jnp.where(keys == m[:, None], top, keys)  # positions make the keys distinct
             best.append(m)
         return jnp.minimum(floor, jnp.min(keys, axis=1)), jnp.stack(best, axis=1)
 
-    floor, keys = jax.lax.scan(body, jnp.full((q.shape[0],), _INF_KEY, jnp.int32), (rows, norms))
+    floor, keys = jax.lax.scan(body, jnp.full((q.shape[0],), top), (rows, norms, b_norm.reshape(n_sub, sub)))
     return jnp.moveaxis(keys, 0, 1).reshape(q.shape[0], n_sub * t), floor, bits
 
 
 def smallest(keys, n):
-    """The `n` smallest of `(Q, G)` int32 keys per row, ascending, and their positions: `n` rounds of
+    """The `n` smallest of `(Q, G)` integer keys per row, ascending, and their positions: `n` rounds of
     minimum reductions (XLA:CPU's top-k kernel took longer than the search's products after them)."""
     ids = jnp.arange(keys.shape[1], dtype=jnp.int32)
     vals, pos = [], []
     for _ in range(n):
         m = jnp.min(keys, axis=1)
         j = jnp.min(jnp.where(keys == m[:, None], ids, keys.shape[1]), axis=1)
-        keys = jnp.where(ids == j[:, None], _INF_KEY, keys)
+        keys = jnp.where(ids == j[:, None], jnp.iinfo(keys.dtype).max, keys)
         vals.append(m)
         pos.append(j)
     return jnp.stack(vals, axis=1), jnp.stack(pos, axis=1)
@@ -131,10 +148,10 @@ def search_tile(queries, index, k_out):
     n_groups = keys.shape[1]
     mask = (1 << bits) - 1
     listed_keys, order = smallest(keys, min(k_out + SECOND_LIST + 1, n_groups))
-    floor = unsortable(floor & ~mask)
+    floor = unsortable(floor & ~mask, q.dtype)
 
     def bound(n):  # every row outside the first n groups of the list has a key bound at least this
-        return jnp.minimum(floor, unsortable(listed_keys[:, n] & ~mask)) if n < n_groups else floor
+        return jnp.minimum(floor, unsortable(listed_keys[:, n] & ~mask, q.dtype)) if n < n_groups else floor
 
     first = min(k_out + FIRST_LIST, n_groups)
     second = min(k_out + SECOND_LIST, n_groups)
