@@ -69,9 +69,10 @@ def group_keys(q, w, q_norm, gamma, index, k):
     per = sub // gs
     bits = max(per - 1, 1).bit_length()
     t = min(k, per)
-    n_sub = index.rows.shape[0] // sub
-    rows = index.rows.reshape(n_sub, sub, -1)
-    norms = index.sq_norms.reshape(n_sub, sub)
+    # Sub-blocks of padding only (the index pads to whole blocks of `index.block`) are left out.
+    n_sub = min(-(-index.size // sub), index.rows.shape[0] // sub)
+    rows = index.rows[: n_sub * sub].reshape(n_sub, sub, -1)
+    norms = index.sq_norms[: n_sub * sub].reshape(n_sub, sub)
     top = inf_key(q.dtype)
     pos = jnp.arange(per, dtype=top.dtype)
     # `common.rank_lower_bounds` with its per-query and per-row factors drawn out of the loop and -2
