@@ -1,5 +1,5 @@
-"""The brute-force search's fast path: one matrix product per bank block, followed only by minimum
-reductions (no top-k kernel over the keys).
+"""The brute-force search's fast path: one matrix product per sub-block of the bank, followed only by
+elementwise work and minimum reductions (no top-k kernel over the keys).
 
 The bank is read in sub-blocks of `SUB_BLOCK` rows against a whole tile of queries (the product's
 fastest shape on XLA:CPU). Each sub-block's rows form `GROUP`-row groups, strided (rows `j`,
@@ -10,8 +10,8 @@ bits then carry the group's position, so one integer minimum yields both the lea
 lies. Each sub-block hands on its `t = k` smallest group keys (min, mask, min again: cheap passes over
 a quarter of the keys) and a floor: the least of its other groups' keys.
 
-Exactness: the candidate rows are those of the `k` groups with the smallest keys (then of `k + 7` for
-a query that the first list does not certify). Every other row's key lower bound is at least the next
+Exactness: the candidate rows are those of the `k + 1` groups with the smallest keys (then of `k + 7`
+for the queries of a chunk that the first list does not certify). Every other row's key lower bound is at least the next
 group key in the list or the floor, so a query whose k-th exact distance lies below both (with room
 for rounding, `common.certified`) has its exact answer among the candidates; any other query takes
 the exact pass over the whole bank. The final order is by exact distance, ties to the lower index.
@@ -129,6 +129,7 @@ def nearest_candidates(q, g, rows_idx, index, k_out):
     """Exact squared distances from `(c, D)` queries to their candidate rows `(c, m)`, the `k_out`
     nearest by exact distance, ties to the lower index. Padding never ranks."""
     pad = jnp.isinf(index.sq_norms[rows_idx])
+    # DECISION: the order is by exact distance, ties to the lower bank index.
     sq = jnp.where(pad, jnp.inf, common.exact_sq(q, g, index.rows[rows_idx]))
     if k_out == 1:
         best = jnp.min(sq, axis=1, keepdims=True)
