@@ -9,9 +9,11 @@ faiss's time over the contender's (above 1: faster than faiss flat).
 
 Contenders:
 - `faiss flat`: faiss-cpu `IndexFlatL2.search` (its own OpenBLAS sgemm and argmin);
-- `brute force`: `build_index` once, then `search` (what the issue timed);
+- `brute force`: `build_index` once, then `search` (what the issue timed; `brute_fused`);
 - `matmul floor`: XLA's matrix product on the search's own tiles followed by a plain row minimum, no
   candidates and no certificate: the least any exact search built on XLA's product can take;
+- `running list`: `brute.search_block` (what one device ran before the fused search; the sharded
+  search still does) on the query tiles of `common.QUERY_BLOCK`;
 - `--rev REV`: the brute force of an older revision with a flat `patchcore_jax/neighbors.py`
   (before the layered layout, e.g. 2b09e22: k = 1 by argmin, no certificate), read with `git show`.
 """
@@ -33,16 +35,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import patchcore_jax as pj  # noqa: E402
-from patchcore_jax._src.stages.search import brute, common  # noqa: E402
+from patchcore_jax._src.stages.search import brute, brute_fused, common  # noqa: E402
 
 N, Q, D = 20_000, 3_136, 1024
 
 
 def matmul_floor(index, queries):
-    """XLA's product on the search's tiles (`brute.query_blocks` x `index.block`), then a row minimum."""
-    blocks = brute.query_blocks(index, queries, common.QUERY_BLOCK)
-    n_blocks = index.rows.shape[0] // index.block
-    rows = index.rows.reshape(n_blocks, index.block, -1)
+    """XLA's product on the search's tiles (`brute.search_jit`'s query tiles x `brute_fused.layout`'s
+    sub-blocks of the bank), then a row minimum."""
+    sub, _ = brute_fused.layout(index)
+    blocks = brute.query_blocks(index, queries, common.QUERY_BLOCK * (index.block // sub), multiple=brute_fused.CHUNK)
+    rows = index.rows.reshape(index.rows.shape[0] // sub, sub, -1)
 
     def tile(qb):
         def body(best, b_rows):
@@ -52,6 +55,14 @@ def matmul_floor(index, queries):
         return jax.lax.scan(body, jnp.full((qb.shape[0],), jnp.inf, qb.dtype), rows)[0]
 
     return jax.lax.map(tile, blocks)
+
+
+def running_list(index, queries):
+    """The search of one shard (`brute.search_block`: blocks of `index.block` rows, a running top list)
+    on the query tiles of `common.QUERY_BLOCK`: the one-device search before `brute_fused`."""
+    blocks = brute.query_blocks(index, queries, common.QUERY_BLOCK)
+    dist, idx = jax.lax.map(lambda qb: brute.search_block(qb, index, 1), blocks)
+    return dist.reshape(-1, 1)[: queries.shape[0]], idx.reshape(-1, 1)[: queries.shape[0]]
 
 
 def old_brute(rev: str):
@@ -87,6 +98,7 @@ def main(argv=None) -> int:
         "faiss flat": lambda: flat.search(queries, 1),
         "brute force": lambda: jax.block_until_ready(pj.search(index, q, 1)),
         "matmul floor": lambda: jax.block_until_ready(floor_fn(index, q)),
+        "running list": (lambda fn: lambda: jax.block_until_ready(fn(index, q)))(jax.jit(running_list)),
     }
     for rev in args.rev:
         module = old_brute(rev)
