@@ -4,6 +4,7 @@ formulas, terminal escapes)."""
 import csv
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -83,19 +84,16 @@ def test_csv_cells_that_look_like_formulas_are_quoted():
         assert csv_text(text) == text
 
 
-def test_names_that_are_code_reach_neither_the_spreadsheet_nor_the_terminal(tmp_path, capsys, monkeypatch):
-    data = make_synthetic(seed=5, n_train=4, n_test_good=1, n_test_defect=1, size=80, margin=16)
-    model = quiet_model(TINY).fit(data["train"])
-    model.threshold = 1.0
-    model.save(tmp_path / "model")
+def test_names_that_are_code_reach_neither_the_spreadsheet_nor_the_terminal(tiny_model, tmp_path, capsys, monkeypatch):
+    _, model_dir, fixture_images = tiny_model
     images = tmp_path / "images"
     images.mkdir()
     names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@SUM(A1).png"]
-    for name, img in zip(names, np.concatenate([data["test"], data["test"]])):
-        Image.fromarray(img).save(images / name)
+    for name, i in zip(names, range(4)):
+        shutil.copyfile(fixture_images / f"{i}.png", images / name)
     # Given as bare names (run inside the folder), so each cell would start with the formula's sign.
     monkeypatch.chdir(images)
-    assert cli.main(["predict", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "pred"),
+    assert cli.main(["predict", "--model", str(model_dir), "--out", str(tmp_path / "pred"),
                      "--quiet", "--", *names]) == 0
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "pred" / "scores.csv", newline="") as f:
@@ -107,7 +105,7 @@ def test_names_that_are_code_reach_neither_the_spreadsheet_nor_the_terminal(tmp_
     # An unreadable file whose name sets the terminal's title and rings its bell: named, escaped.
     evil = images / "\x1b]0;owned\x07.png"
     evil.write_bytes(b"not an image")
-    assert cli.main(["predict", "--model", str(tmp_path / "model"), str(evil), "--out", str(tmp_path / "pred2"),
+    assert cli.main(["predict", "--model", str(model_dir), str(evil), "--out", str(tmp_path / "pred2"),
                      "--quiet", "--no-heatmaps"]) == 2
     err = capsys.readouterr().err
     assert "\\x1b]0;owned\\x07.png" in err and "\x1b" not in err and "\x07" not in err
