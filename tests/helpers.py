@@ -64,6 +64,13 @@ def x64():
         jax.config.update("jax_enable_x64", old)
 
 
+def xla_flags(devices: int) -> str:
+    """This run's XLA_FLAGS (conftest.py sets them) with `devices` host devices instead of 8, for the
+    processes of a multi-process test."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def gaussian(seed: int, shape, *, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
     """Continuous random data: exact ties have probability zero, near-ties are vanishingly rare."""
     return np.random.default_rng(seed).normal(size=shape) * scale + offset

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import patchcore_jax as pj
 from patchcore_jax._src.run import sharding
-from tests.helpers import assert_close, gaussian, shape_buckets, x64
+from tests.helpers import assert_close, gaussian, shape_buckets, x64, xla_flags
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS host device count)")
 
@@ -145,7 +145,7 @@ def test_two_processes_each_holding_half_the_bank_and_fitting_on_their_share(tmp
             Image.fromarray(image).save(tmp_path / part / f"{i:02d}.png")
     (tmp_path / "broken.png").write_bytes(b"not a PNG")
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "result")
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_worker", str(i), str(port), str(tmp_path), out],

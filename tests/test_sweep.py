@@ -21,7 +21,7 @@ from patchcore_jax._src.model.config import PatchCoreConfig
 from patchcore_jax._src.stages import bank as bank_lib
 from patchcore_jax._src.stages import coreset
 from tests.dataset_trees import make_mvtec
-from tests.helpers import SMALL, gaussian
+from tests.helpers import SMALL, gaussian, xla_flags
 
 BASE = PatchCoreConfig(**SMALL)
 MODEL_ARGS = ["--backbone", "resnet18", "--resize", "72", "--crop", "64", "--pretrain-dim", "64", "--target-dim", "64",
@@ -80,7 +80,7 @@ def _two_processes(args, env):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**env, "XLA_FLAGS": xla_flags(2)}
     procs = [subprocess.Popen([sys.executable, "-m", "patchcore_jax._src.app.cli", "sweep", *a, "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
