@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -7,6 +8,7 @@ from hypothesis.extra import numpy as hnp
 import patchcore_jax
 import reference
 from patchcore_jax._src.stages.search import brute as neighbors
+from patchcore_jax._src.stages.search import brute_fused, common
 from tests.helpers import assert_close, both_ways, gaussian, oracle, shape_buckets, x64
 
 
@@ -37,11 +39,50 @@ def test_indices_equal_reference_under_x64(c):
 def test_float32_distances_match_reference(c):
     bank, queries = _inputs(c)
     want_d, _ = oracle.nearest_neighbors(bank, queries, c["k"])
-    for how, (got_d, got_i) in both_ways(patchcore_jax.nearest_neighbors, bank.astype(np.float32), queries.astype(np.float32), k=c["k"]):
+    bank32, queries32 = bank.astype(np.float32), queries.astype(np.float32)
+    results = list(both_ways(patchcore_jax.nearest_neighbors, bank32, queries32, k=c["k"]))
+    for product in common.PRODUCTS:  # "auto" above takes one of them; both must be exact on any machine
+        results.append((product, patchcore_jax.search(patchcore_jax.build_index(bank32, product=product), queries32, c["k"])))
+    for how, (got_d, got_i) in results:
         assert_close(got_d, want_d, np.float32, err_msg=how)
         # Whatever rows were chosen, their true distances are the reference's k smallest.
         true_d = np.linalg.norm(bank[np.asarray(got_i)] - queries[:, None], axis=-1)
         assert_close(true_d, want_d, np.float32, err_msg=how)
+
+
+@st.composite
+def bound_cases(draw):
+    return dict(seed=draw(st.integers(0, 2**16)), **draw(shape_buckets(n=[40, 300], q=[16], d=[3, 64, 1024])),
+                product=draw(st.sampled_from(common.PRODUCTS)),
+                # Entries spread over many binades, down to where bfloat16 flushes them to zero.
+                spread=draw(st.sampled_from([0, 8, 40, 140])), offset=draw(st.sampled_from([0.0, 30.0])))
+
+
+@given(bound_cases())
+def test_the_ranking_lower_bounds_hold_for_either_product(c):
+    """Exactness rests on each row's key bound lying at or below its exact key (float64 arithmetic on
+    the same float32 scaled values), whichever product ranked it: the float32 product within Higham's
+    gamma, the three bfloat16 products within gamma plus their split error and flushed tiny terms."""
+    rng = np.random.default_rng(c["seed"])
+    shape = lambda n: (n, c["d"])  # noqa: E731
+    spread = lambda n: np.exp2(-rng.integers(0, c["spread"] + 1, shape(n)))  # noqa: E731
+    bank = (rng.normal(size=shape(c["n"])) * spread(c["n"]) + c["offset"]).astype(np.float32)
+    if c["spread"] == 140:  # rows of entries near 2**-135 after centring: opposite pairs keep the mean ~0
+        half = rng.normal(size=shape(c["n"] // 4))
+        bank = np.concatenate([half, -half, rng.normal(size=shape(c["n"] // 2)) * 2.0**-135]).astype(np.float32)
+    queries = (rng.normal(size=shape(c["q"])) * spread(c["q"]) * 2 + c["offset"]).astype(np.float32)
+    index = patchcore_jax.build_index(bank, product=c["product"])
+    q, g = common.scaled_queries(jnp.asarray(queries) - index.centre, index.log2_scale)
+    w = common.rank_weight(g, q.dtype)
+    gamma = common.gamma(q.shape[1], q.dtype)
+    q_norm = jnp.sqrt(jnp.sum(jnp.square(q), axis=1))
+    norms = index.sq_norms
+    bounds = brute_fused.bounds_of(q, w, q_norm, gamma, index)(index.rows, norms, jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0)))
+    real = slice(0, c["n"])
+    rows64, q64, w64 = (np.asarray(a, np.float64) for a in (index.rows[real], q, w))
+    exact = np.sum(np.square(rows64), axis=1)[None, :] * w64[:, None] - 2.0 * q64 @ rows64.T
+    bounds = np.asarray(bounds, np.float64)[:, real]
+    assert np.all(bounds <= exact), np.max(bounds - exact)
 
 
 @pytest.mark.parametrize("backend", [reference, patchcore_jax])

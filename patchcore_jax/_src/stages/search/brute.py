@@ -15,7 +15,9 @@ Why the result is exact, not merely usually right:
 - Ranking uses `||b||^2 - 2 q.b` (the query's own norm is a constant per query), less its
   worst-case float32 error `gamma (||b||^2 + 2 ||q|| ||b||)`, `gamma = (D + 4) eps / 2` (Higham's bound
   for a D-term dot product): a lower bound of each row's key whatever the summation order of the
-  matrix product. Each bank block hands on its `k + 7` rows with the smallest lower bounds; a running
+  matrix product. With `product="bfloat16x3"` (`build_index`'s choice for float32 banks on CPUs with
+  AMX) the product is three bfloat16 products of the operands' head and tail, and the bound grows by
+  their split error (`common.SPLIT_ERROR`, 2**-15 relative to ||q|| ||b||). Each bank block hands on its `k + 7` rows with the smallest lower bounds; a running
   list keeps the `k + 15` smallest of those. The search recomputes their distances as `||q - b||` by
   differences, and certifies per query that the k-th of these lies below every other row's lower
   bound (with room for its own rounding): a row that left the list has a bound at least the list's
@@ -61,6 +63,8 @@ class BankIndex:
       block: rows per bank block of the search.
       log2_scale: int32 scalar; the power of two that brings the centred rows' largest entry into
         [0.5, 1) (exact, so squares neither overflow nor underflow). 0 means unscaled rows.
+      product: the matrix product that ranks candidates on one device, "highest" or "bfloat16x3"
+        (`common.PRODUCTS`); results are exact with either.
     """
 
     rows: jax.Array
@@ -69,6 +73,7 @@ class BankIndex:
     size: int = flax.struct.field(pytree_node=False)
     block: int = flax.struct.field(pytree_node=False)
     log2_scale: jax.Array | int = 0
+    product: str = flax.struct.field(pytree_node=False, default="highest")
 
     # The index protocol (`search.common`): what `search.index` and `scoring` call on any index.
     def search_traced(self, queries, *, k, query_block=common.QUERY_BLOCK):
@@ -90,14 +95,22 @@ class BankIndex:
         return 1
 
 
-def build_index(bank: jax.Array, *, block: int = 2048) -> BankIndex:
-    """Prepares `bank` `(N, D)` for `search`: centred, scaled, padded to blocks, squared norms cached."""
+def build_index(bank: jax.Array, *, block: int = 2048, product: str = "auto") -> BankIndex:
+    """Prepares `bank` `(N, D)` for `search`: centred, scaled, padded to blocks, squared norms cached.
+
+    `product` ranks the candidates (`common.PRODUCTS`): "highest" (the bank's dtype at full precision)
+    or "bfloat16x3" (float32 banks: three bfloat16 products, faster where the CPU has AMX); "auto" takes
+    "bfloat16x3" for a float32 bank on such a CPU, else "highest". The search is exact with either."""
     n, _ = checks.check_array("bank", bank, ndim=2)
     block = checks.check_int("block", block, low=1)
     if checks.is_host_data(bank):
         _check_representable(np.asarray(bank))
         bank = jax.device_put(np.asarray(bank))
-    return build_index_jit(bank, block=min(block, n))
+    dtype = bank.dtype if jnp.issubdtype(bank.dtype, jnp.floating) else jnp.float32
+    # Under a trace (build_index inside jit) the devices are not known yet: the default backend's.
+    traced = isinstance(bank, jax.core.Tracer)
+    product = common.choose_product(product, dtype, {jax.default_backend()} if traced else {d.platform for d in bank.devices()})
+    return build_index_jit(bank, block=min(block, n)).replace(product=product)
 
 
 def _check_representable(bank: np.ndarray) -> None:

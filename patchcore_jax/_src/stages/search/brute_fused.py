@@ -60,6 +60,26 @@ def layout(index):
     return sub, (GROUP if sub % GROUP == 0 else 1)
 
 
+def bounds_of(q, w, q_norm, gamma, index):
+    """`f(rows (n, D), sq_norms (n,), norms (n,)) -> (Q, n)`: lower bounds of the rows' ranking keys
+    (`common.rank_keys`) for the `(Q, D)` scaled queries, through `index.product`.
+
+    `common.rank_lower_bounds` with its per-query and per-row factors drawn out of the loop and -2
+    folded into the queries (exact): one multiply-add and one product term per key. Padding rows
+    (infinite norm) get infinite keys without a select, as the query factor is positive."""
+    q2 = -2.0 * q
+    norm_factor = (w * (1.0 - 2.0 * gamma))[:, None]
+    cross_factor = (4.0 * common.product_gamma(index.product, gamma) * q_norm)[:, None]
+    floor_term = common.product_floor(index.product, q.shape[1], q.dtype)
+    if index.product == "bfloat16x3":
+        q2_split = common.bf16_split(q2)  # -2 q splits exactly as q does (a power of two)
+        product = lambda b_rows: common.split_dot_t(q2_split, b_rows)  # noqa: E731
+    else:
+        product = lambda b_rows: jnp.dot(q2, b_rows.T, precision=common.HIGHEST)  # noqa: E731
+    return lambda rows, sq_norms, norms: (sq_norms[None, :] * norm_factor + product(rows)
+                                          - (cross_factor * norms + floor_term))
+
+
 def group_keys(q, w, q_norm, gamma, index, k):
     """`(Q, D)` scaled queries -> `(keys (Q, G), floor (Q,), bits)`: each sub-block's `t = min(k,
     groups)` smallest group keys (order-preserving integers, `sortable`, rounded down and the group's
@@ -75,18 +95,12 @@ def group_keys(q, w, q_norm, gamma, index, k):
     norms = index.sq_norms[: n_sub * sub].reshape(n_sub, sub)
     top = inf_key(q.dtype)
     pos = jnp.arange(per, dtype=top.dtype)
-    # `common.rank_lower_bounds` with its per-query and per-row factors drawn out of the loop and -2
-    # folded into the queries (exact): one multiply-add and one product term per key. Padding rows
-    # (infinite norm) get infinite keys without a select, as the query factor is positive.
-    q2 = -2.0 * q
-    norm_factor = (w * (1.0 - 2.0 * gamma))[:, None]
-    cross_factor = (4.0 * gamma * q_norm)[:, None]
+    lower_bounds = bounds_of(q, w, q_norm, gamma, index)
     b_norm = jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0.0))
 
     def body(floor, inputs):
         b_rows, b_norms, b_norm = inputs
-        lb = b_norms[None, :] * norm_factor + jnp.dot(q2, b_rows.T, precision=common.HIGHEST) - cross_factor * b_norm
-        lb = jnp.min(lb.reshape(q.shape[0], gs, per), axis=1)
+        lb = jnp.min(lower_bounds(b_rows, b_norms, b_norm).reshape(q.shape[0], gs, per), axis=1)
         # Rounded down by one whole unit of the low bits, so the position never raises the key.
         keys = (((sortable(lb) >> bits) - 1) << bits) | pos
         best = []
