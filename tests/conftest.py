@@ -9,12 +9,18 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 # The test run compiles about 1,700 distinct programs, and compiling is most of its time (60% of the
-# workers' CPU time). XLA's backend optimization level 0 skips LLVM's costly passes, not XLA's own:
-# the same HLO, fusions and float semantics (no fast math at any level), compiled about 30% quicker
-# and run slower, which the tests' tiny shapes do not feel. `XLA_FLAGS=--xla_backend_optimization_level=3`
-# (or any level) runs the tests at that level instead; subprocesses the tests start inherit it.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# workers' CPU time). Unless the nightly profile runs, the tests compile for speed of compiling: XLA's
+# backend optimization level 0 (LLVM's costly passes skipped) and its older loop emitters in place of
+# the MLIR fusion emitters (which took twice the CPU time to compile the same programs), one codegen
+# thread. The HLO, its fusions and its float semantics are XLA's own either way (no fast math); the
+# programs run slower, which the tests' tiny shapes do not feel. The nightly profile (and any XLA_FLAGS
+# naming one of these flags) compiles as users do; subprocesses the tests start inherit the choice.
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                "--xla_cpu_parallel_codegen_split_count=1")
+if os.environ.get("HYPOTHESIS_PROFILE") != "nightly":
+    for flag in FAST_COMPILE:
+        if flag.split("=")[0] not in os.environ["XLA_FLAGS"]:
+            os.environ["XLA_FLAGS"] += " " + flag
 # The same for numba, which compiles pynndescent's graph search (in the recall test) with LLVM: 21 s of
 # CPU time instead of 27 at its default level 3.
 os.environ.setdefault("NUMBA_OPT", "0")
