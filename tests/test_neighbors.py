@@ -67,22 +67,41 @@ def test_the_ranking_lower_bounds_hold_for_either_product(c):
     shape = lambda n: (n, c["d"])  # noqa: E731
     spread = lambda n: np.exp2(-rng.integers(0, c["spread"] + 1, shape(n)))  # noqa: E731
     bank = (rng.normal(size=shape(c["n"])) * spread(c["n"]) + c["offset"]).astype(np.float32)
-    if c["spread"] == 140:  # rows of entries near 2**-135 after centring: opposite pairs keep the mean ~0
+    if c["spread"] == 140:  # rows of entries 2**-60 to 2**-140 after centring (their squares, products and
+        # norms flush to zero): opposite pairs keep the mean ~0
         half = rng.normal(size=shape(c["n"] // 4))
-        bank = np.concatenate([half, -half, rng.normal(size=shape(c["n"] // 2)) * 2.0**-135]).astype(np.float32)
+        tiny = rng.normal(size=shape(c["n"] // 2)) * np.exp2(-rng.integers(60, 141, (c["n"] // 2, 1)))
+        bank = np.concatenate([half, -half, tiny]).astype(np.float32)
     queries = (rng.normal(size=shape(c["q"])) * spread(c["q"]) * 2 + c["offset"]).astype(np.float32)
-    index = patchcore_jax.build_index(bank, product=c["product"])
+    _assert_bounds_hold(bank, queries, c["product"])
+
+
+def _assert_bounds_hold(bank, queries, product):
+    """Every real row's key bound (`brute_fused.bounds_of`, and the running list's
+    `common.rank_lower_bounds` for "highest") at or below its exact key, float64 on the same values."""
+    index = patchcore_jax.build_index(bank, product=product)
     q, g = common.scaled_queries(jnp.asarray(queries) - index.centre, index.log2_scale)
     w = common.rank_weight(g, q.dtype)
     gamma = common.gamma(q.shape[1], q.dtype)
     q_norm = jnp.sqrt(jnp.sum(jnp.square(q), axis=1))
     norms = index.sq_norms
-    bounds = brute_fused.bounds_of(q, w, q_norm, gamma, index)(index.rows, norms, jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0)))
-    real = slice(0, c["n"])
+    real = slice(0, len(bank))
     rows64, q64, w64 = (np.asarray(a, np.float64) for a in (index.rows[real], q, w))
     exact = np.sum(np.square(rows64), axis=1)[None, :] * w64[:, None] - 2.0 * q64 @ rows64.T
-    bounds = np.asarray(bounds, np.float64)[:, real]
-    assert np.all(bounds <= exact), np.max(bounds - exact)
+    found = [brute_fused.bounds_of(q, w, q_norm, gamma, index)(index.rows, norms, jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0)))]
+    if product == "highest":
+        found.append(common.rank_lower_bounds(q, w, index.rows, norms, q_norm, gamma))
+    for bounds in found:
+        bounds = np.asarray(bounds, np.float64)[:, real]
+        assert np.all(bounds <= exact), np.max(bounds - exact)
+
+
+@pytest.mark.parametrize("product", common.PRODUCTS)
+def test_the_bounds_hold_for_a_row_whose_norm_flushes_to_zero(product):
+    # The last row's entries lie below 2**-63 of the bank's extent: its squared norm flushes to 0, and
+    # with it the relative slack `||q|| ||b||`, while the product's own error does not vanish.
+    _assert_bounds_hold(np.array([[1.0], [-1.0], [2.2184967872800863e-20]], np.float32),
+                        np.array([[-0.5212610960006714]], np.float32), product)
 
 
 @pytest.mark.parametrize("backend", [reference, patchcore_jax])
@@ -233,6 +252,20 @@ def test_rows_a_block_drops_are_ruled_out_by_its_floor():
         want_d, _ = reference.nearest_neighbors(bank.astype(np.float64), bank[own].astype(np.float64), k)
         true_d = np.linalg.norm(bank.astype(np.float64)[np.asarray(i)] - bank[own, None].astype(np.float64), axis=-1)
         np.testing.assert_allclose(true_d, want_d, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("product", common.PRODUCTS)
+def test_rows_tiny_against_the_extent_with_distances_above_the_underflow(product):
+    """Rows about 2**-70 of the bank's extent, queries about 3e-19 away: the products q.b and the rows'
+    squared norms flush to zero, the squared distances (about 1e-37) do not. The bounds must allow for
+    the flushed values (once, "highest" certified a row 0.8% farther than the nearest)."""
+    rng = np.random.default_rng(0)
+    bank = np.concatenate([[[1.0], [-1.0]], rng.normal(size=(300, 1)) * 2.0**-70]).astype(np.float32)
+    queries = np.array([[3.1e-19], [-3.1e-19], [2.5e-19], [-2.5e-19]], np.float32)
+    want_d, want_i = reference.nearest_neighbors(bank.astype(np.float64), queries.astype(np.float64), 1)
+    got_d, got_i = patchcore_jax.search(patchcore_jax.build_index(bank, product=product), queries, 1)
+    np.testing.assert_array_equal(np.asarray(got_i), want_i)
+    np.testing.assert_allclose(np.asarray(got_d), want_d, rtol=1e-6)
 
 
 def test_query_tiles_are_balanced_and_bounded():

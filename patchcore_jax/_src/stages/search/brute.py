@@ -29,7 +29,12 @@ Why the result is exact, not merely usually right:
   each query by a further power of two when it lies far outside the bank. Scaling by a power of two
   is exact, so features around 1e19 (whose squares overflow float32) or 1e-25 (whose squares
   underflow) are searched as exactly as features around 1; distances are scaled back at the end.
-  Only a result that itself overflows float32 (a distance above ~3.4e38, or inputs whose difference
+  That holds for a bank whose rows share its scale; within one bank, float32 resolves what its
+  centred values resolve: centring rounds each value to the bank's extent, and squares below the
+  smallest normal float flush to zero on the CPU, so rows nearer to each other or to a query than
+  about 1e-19 of the bank's extent (their squared differences underflow) may tie at 0 or swap. The
+  bounds allow for those flushed values, so the rows the search certifies are still the nearest by
+  the float32 distances it computes. Only a result that itself overflows float32 (a distance above ~3.4e38, or inputs whose difference
   from the bank mean does) comes back as inf or NaN; callers on the host can refuse it there, with
   no transfer on the hot path.
 """
@@ -86,7 +91,8 @@ class BankIndex:
 
     def distances_to(self, centred_queries, idx):
         """Exact distances, in the bank's units, from `(b, D)` queries minus `centre` to the rows `idx`
-        `(b, m)`: the same arithmetic as the search's, so values agree with it bit for bit."""
+        `(b, m)`: the same arithmetic as the search's (differences, then squares summed), so values agree
+        with it to the summation order XLA picks for each shape (a last-place difference at most)."""
         q, g = common.scaled_queries(centred_queries, self.log2_scale)
         return common.unscale_distances(common.exact_sq(q, g, self.rows[idx]), g, self.log2_scale)
 

@@ -69,7 +69,8 @@ def bounds_of(q, w, q_norm, gamma, index):
     (infinite norm) get infinite keys without a select, as the query factor is positive."""
     q2 = -2.0 * q
     norm_factor = (w * (1.0 - 2.0 * gamma))[:, None]
-    cross_factor = (4.0 * common.product_gamma(index.product, gamma) * q_norm)[:, None]
+    a = common.norm_allowance(q.shape[1], q.dtype)  # norms that flushed to zero still bound the error
+    cross_factor = (4.0 * common.product_gamma(index.product, gamma) * (q_norm + a))[:, None]
     floor_term = common.product_floor(index.product, q.shape[1], q.dtype)
     if index.product == "bfloat16x3":
         q2_split = common.bf16_split(q2)  # -2 q splits exactly as q does (a power of two)
@@ -77,7 +78,7 @@ def bounds_of(q, w, q_norm, gamma, index):
     else:
         product = lambda b_rows: jnp.dot(q2, b_rows.T, precision=common.HIGHEST)  # noqa: E731
     return lambda rows, sq_norms, norms: (sq_norms[None, :] * norm_factor + product(rows)
-                                          - (cross_factor * norms + floor_term))
+                                          - (cross_factor * (norms + a) + floor_term))
 
 
 def group_keys(q, w, q_norm, gamma, index, k):

@@ -14,6 +14,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 # Brute force's queries per tile, at most. Tiles are balanced: 3136 queries make 4 tiles of 784, not 4
@@ -109,10 +110,18 @@ def product_gamma(product, gamma_f32):
 
 
 def product_floor(product, dim, dtype):
-    """The absolute error bound of `product` beyond its relative one: bfloat16 entries and products
-    below 2**-126 may flush to zero, each losing at most 4 * 2**-126 of `-2 q.b` (|2 q_i| < 4, |b_i| < 1),
-    in `3 dim` terms; doubled. 0 for "highest"."""
-    return 24.0 * dim * float(jnp.finfo(dtype).tiny) if product == "bfloat16x3" else 0.0
+    """The absolute error bound of `product` beyond its relative one: entries and products below the
+    smallest normal float (`tiny`, 2**-126 in float32) may flush to zero (the CPU does), each term
+    losing at most `4 tiny` of `-2 q.b` (|2 q_i| < 4, |b_i| < 1), in `dim` terms ("highest") or `3 dim`
+    ("bfloat16x3"); doubled."""
+    return (24.0 if product == "bfloat16x3" else 8.0) * dim * float(jnp.finfo(dtype).tiny)
+
+
+def norm_allowance(dim, dtype):
+    """What flushing can take from a norm computed as `sqrt(sum x_i**2)`: squares below `tiny` may flush
+    to zero (a row or query whose entries all lie below `2**-63` in float32 then has norm 0), so
+    `||x|| <= computed + sqrt(2 dim tiny)`. The bounds' relative slack uses norms raised by this."""
+    return float(np.sqrt(2.0 * dim * float(jnp.finfo(dtype).tiny)))
 
 
 def amx_bfloat16() -> bool:
@@ -141,11 +150,13 @@ def choose_product(product: str, dtype, platforms) -> str:
 
 def rank_lower_bounds(q, w, rows, norms, q_norm, gamma):
     """Lower bounds of `rank_keys`: each key less its worst-case error `gamma (w ||b||^2 + 2 ||q|| ||b||)`
-    (doubled, which also covers the few roundings of forming it). Padding (infinite norm) stays inf."""
+    (doubled, which also covers the few roundings of forming it), with norms and product allowing for
+    flushed tiny values (`norm_allowance`, `product_floor`). Padding (infinite norm) stays inf."""
     finite = jnp.isfinite(norms)
-    b_norm = jnp.sqrt(jnp.where(finite, norms, 0.0))
+    a = norm_allowance(q.shape[1], q.dtype)
+    b_norm = jnp.sqrt(jnp.where(finite, norms, 0.0)) + a
     keys = (norms[None, :] * (w * (1.0 - 2.0 * gamma))[:, None] - 2.0 * jnp.dot(q, rows.T, precision=HIGHEST)
-            - (4.0 * gamma * q_norm)[:, None] * b_norm[None, :])
+            - ((4.0 * gamma * (q_norm + a))[:, None] * b_norm[None, :] + product_floor("highest", q.shape[1], q.dtype)))
     return jnp.where(finite[None, :], keys, jnp.inf)
 
 
