@@ -254,7 +254,8 @@ def run_rounds(trees: dict, mode: dict, work: str, log) -> dict:
         results = {lb: [finish(st)] for lb, st in zip(labels, started)}
     else:
         results = {lb: [finish(start(trees[lb], mode, work, f"{lb}-cold", outputs=True, label=lb))] for lb in labels}
-    log(f"compiled and measured {', '.join(labels)} from nothing, together, in {time.perf_counter() - t0:.1f} s")
+    how = "together" if mode["rounds"] else "one after the other"
+    log(f"compiled and measured {', '.join(labels)} from nothing, {how}, in {time.perf_counter() - t0:.1f} s")
     for r in range(mode["rounds"]):
         for label in (labels if r % 2 == 0 else labels[::-1]):
             t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from hypothesis.extra import numpy as hnp
 import patchcore_jax
 import reference
 from patchcore_jax._src.stages.search import brute as neighbors
-from patchcore_jax._src.stages.search import brute_fused, common
+from patchcore_jax._src.stages.search import common
 from tests.helpers import assert_close, both_ways, gaussian, oracle, shape_buckets, x64
 
 
@@ -77,7 +77,7 @@ def test_the_ranking_lower_bounds_hold_for_either_product(c):
 
 
 def _assert_bounds_hold(bank, queries, product):
-    """Every real row's key bound (`brute_fused.bounds_of`, and the running list's
+    """Every real row's key bound (`common.bounds_of`, which the fused search uses, and the running list's
     `common.rank_lower_bounds` for "highest") at or below its exact key, float64 on the same values."""
     index = patchcore_jax.build_index(bank, product=product)
     q, g = common.scaled_queries(jnp.asarray(queries) - index.centre, index.log2_scale)
@@ -88,7 +88,7 @@ def _assert_bounds_hold(bank, queries, product):
     real = slice(0, len(bank))
     rows64, q64, w64 = (np.asarray(a, np.float64) for a in (index.rows[real], q, w))
     exact = np.sum(np.square(rows64), axis=1)[None, :] * w64[:, None] - 2.0 * q64 @ rows64.T
-    found = [brute_fused.bounds_of(q, w, q_norm, gamma, index)(index.rows, norms, jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0)))]
+    found = [common.bounds_of(q, w, q_norm, gamma, product)(index.rows, norms, jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0)))]
     if product == "highest":
         found.append(common.rank_lower_bounds(q, w, index.rows, norms, q_norm, gamma))
     for bounds in found:

@@ -17,8 +17,8 @@ Why the result is exact, not merely usually right:
   for a D-term dot product): a lower bound of each row's key whatever the summation order of the
   matrix product. With `product="bfloat16x3"` (`build_index`'s choice for float32 banks on CPUs with
   AMX) the product is three bfloat16 products of the operands' head and tail, and the bound grows by
-  their split error (`common.SPLIT_ERROR`, 2**-15 relative to ||q|| ||b||). Each bank block hands on its `k + 7` rows with the smallest lower bounds; a running
-  list keeps the `k + 15` smallest of those. The search recomputes their distances as `||q - b||` by
+  their split error (`common.SPLIT_ERROR`, 2**-15 relative to ||q|| ||b||). Each bank block hands on
+  its `k + 7` rows with the smallest lower bounds; a running list keeps the `k + 15` smallest of those. The search recomputes their distances as `||q - b||` by
   differences, and certifies per query that the k-th of these lies below every other row's lower
   bound (with room for its own rounding): a row that left the list has a bound at least the list's
   last, and a row that never entered it a bound at least its block's `(k + 7)`-th (the "floor", the
@@ -34,8 +34,8 @@ Why the result is exact, not merely usually right:
   smallest normal float flush to zero on the CPU, so rows nearer to each other or to a query than
   about 1e-19 of the bank's extent (their squared differences underflow) may tie at 0 or swap. The
   bounds allow for those flushed values, so the rows the search certifies are still the nearest by
-  the float32 distances it computes. Only a result that itself overflows float32 (a distance above ~3.4e38, or inputs whose difference
-  from the bank mean does) comes back as inf or NaN; callers on the host can refuse it there, with
+  the float32 distances it computes. Only a result that itself overflows float32 (a distance above
+  ~3.4e38, or inputs whose difference from the bank mean does) comes back as inf or NaN; callers on the host can refuse it there, with
   no transfer on the hot path.
 """
 
@@ -115,7 +115,8 @@ def build_index(bank: jax.Array, *, block: int = 2048, product: str = "auto") ->
     dtype = bank.dtype if jnp.issubdtype(bank.dtype, jnp.floating) else jnp.float32
     # Under a trace (build_index inside jit) the devices are not known yet: the default backend's.
     traced = isinstance(bank, jax.core.Tracer)
-    product = common.choose_product(product, dtype, {jax.default_backend()} if traced else {d.platform for d in bank.devices()})
+    platforms = {jax.default_backend()} if traced else {d.platform for d in bank.devices()}
+    product = common.choose_product(product, dtype, platforms)
     return build_index_jit(bank, block=min(block, n)).replace(product=product)
 
 

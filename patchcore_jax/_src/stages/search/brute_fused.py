@@ -4,8 +4,8 @@ elementwise work and minimum reductions (no top-k kernel over the keys).
 The bank is read in sub-blocks of `SUB_BLOCK` rows against a whole tile of queries (the product's
 fastest shape on XLA:CPU). Each sub-block's rows form `GROUP`-row groups, strided (rows `j`,
 `j + SUB_BLOCK / GROUP`, ...), so a group's key is an elementwise minimum of contiguous slices. The
-key of a row is the lower bound of `common.rank_lower_bounds`; each group's key is the minimum of its
-rows', made a lower bound still by rounding it down in its order-preserving integer form, whose low
+key of a row is its lower bound (`common.bounds_of`, through `index.product`); each group's key is the
+minimum of its rows', made a lower bound still by rounding it down in its order-preserving integer form, whose low
 bits then carry the group's position, so one integer minimum yields both the least key and where it
 lies. Each sub-block hands on its `t = k` smallest group keys (min, mask, min again: cheap passes over
 a quarter of the keys) and a floor: the least of its other groups' keys.
@@ -60,27 +60,6 @@ def layout(index):
     return sub, (GROUP if sub % GROUP == 0 else 1)
 
 
-def bounds_of(q, w, q_norm, gamma, index):
-    """`f(rows (n, D), sq_norms (n,), norms (n,)) -> (Q, n)`: lower bounds of the rows' ranking keys
-    (`common.rank_keys`) for the `(Q, D)` scaled queries, through `index.product`.
-
-    `common.rank_lower_bounds` with its per-query and per-row factors drawn out of the loop and -2
-    folded into the queries (exact): one multiply-add and one product term per key. Padding rows
-    (infinite norm) get infinite keys without a select, as the query factor is positive."""
-    q2 = -2.0 * q
-    norm_factor = (w * (1.0 - 2.0 * gamma))[:, None]
-    a = common.norm_allowance(q.shape[1], q.dtype)  # norms that flushed to zero still bound the error
-    cross_factor = (4.0 * common.product_gamma(index.product, gamma) * (q_norm + a))[:, None]
-    floor_term = common.product_floor(index.product, q.shape[1], q.dtype)
-    if index.product == "bfloat16x3":
-        q2_split = common.bf16_split(q2)  # -2 q splits exactly as q does (a power of two)
-        product = lambda b_rows: common.split_dot_t(q2_split, b_rows)  # noqa: E731
-    else:
-        product = lambda b_rows: jnp.dot(q2, b_rows.T, precision=common.HIGHEST)  # noqa: E731
-    return lambda rows, sq_norms, norms: (sq_norms[None, :] * norm_factor + product(rows)
-                                          - (cross_factor * (norms + a) + floor_term))
-
-
 def group_keys(q, w, q_norm, gamma, index, k):
     """`(Q, D)` scaled queries -> `(keys (Q, G), floor (Q,), bits)`: each sub-block's `t = min(k,
     groups)` smallest group keys (order-preserving integers, `sortable`, rounded down and the group's
@@ -96,7 +75,7 @@ def group_keys(q, w, q_norm, gamma, index, k):
     norms = index.sq_norms[: n_sub * sub].reshape(n_sub, sub)
     top = inf_key(q.dtype)
     pos = jnp.arange(per, dtype=top.dtype)
-    lower_bounds = bounds_of(q, w, q_norm, gamma, index)
+    lower_bounds = common.bounds_of(q, w, q_norm, gamma, index.product)
     b_norm = jnp.sqrt(jnp.where(jnp.isfinite(norms), norms, 0.0))
 
     def body(floor, inputs):

@@ -10,6 +10,7 @@ A prepared index (`brute.BankIndex`, `clustered.ClusteredIndex`) answers the pro
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 
 import jax
@@ -81,7 +82,7 @@ def gamma(dim, dtype):
 #   leaves out (`ql.bl`, the tails' tails) is at most 3.1 * 2**-16 of sum |q_i| |b_i| <= ||q|| ||b||, and its
 #   three float32 sums carry at most 1.02 `gamma` of the same: `SPLIT_ERROR` added to `gamma` covers both
 #   within the doubled room the bounds already keep. On CPUs with AMX (bfloat16 tiles) the three
-#   products take 0.6 of the float32 product's time (Xeon 8480, 3,136 x 20,000 x 1,024).
+#   products take 0.6 of the float32 product's time (a 2-core Xeon, 3,136 x 20,000 x 1,024).
 # The search stays exact with either: only the candidates' ranking bound changes, and the candidates
 # are re-ranked by exact float32 differences and certified as before.
 PRODUCTS = ("highest", "bfloat16x3")
@@ -124,6 +125,7 @@ def norm_allowance(dim, dtype):
     return float(np.sqrt(2.0 * dim * float(jnp.finfo(dtype).tiny)))
 
 
+@functools.lru_cache(maxsize=1)
 def amx_bfloat16() -> bool:
     """True where this host's CPU reports AMX bfloat16 tiles (Linux's /proc/cpuinfo flag `amx_bf16`)."""
     try:
@@ -148,15 +150,33 @@ def choose_product(product: str, dtype, platforms) -> str:
     return "bfloat16x3" if dtype == jnp.float32 and set(platforms) == {"cpu"} and amx_bfloat16() else "highest"
 
 
+def bounds_of(q, w, q_norm, gamma, product):
+    """`f(rows (n, D), sq_norms (n,), norms (n,)) -> (Q, n)`: lower bounds of the rows' ranking keys
+    (`rank_keys`) for the `(Q, D)` scaled queries through `product`: each key less its worst-case error
+    `gamma' (w ||b||^2 + 2 ||q|| ||b||)` (doubled, which also covers the few roundings of forming it),
+    `gamma'` the product's (`product_gamma`), with norms and product allowing for flushed tiny values
+    (`norm_allowance`, `product_floor`). The per-query and per-row factors are drawn out, and -2 folded
+    into the queries (exact): one multiply-add and one product term per key. Padding rows (infinite
+    norm) get infinite keys without a select, as the query factor is positive."""
+    q2 = -2.0 * q
+    norm_factor = (w * (1.0 - 2.0 * gamma))[:, None]
+    a = norm_allowance(q.shape[1], q.dtype)  # norms that flushed to zero still bound the error
+    cross_factor = (4.0 * product_gamma(product, gamma) * (q_norm + a))[:, None]
+    floor_term = product_floor(product, q.shape[1], q.dtype)
+    if product == "bfloat16x3":
+        q2_split = bf16_split(q2)  # -2 q splits exactly as q does (a power of two)
+        dot = lambda rows: split_dot_t(q2_split, rows)  # noqa: E731
+    else:
+        dot = lambda rows: jnp.dot(q2, rows.T, precision=HIGHEST)  # noqa: E731
+    return lambda rows, sq_norms, norms: (sq_norms[None, :] * norm_factor + dot(rows)
+                                          - (cross_factor * (norms + a) + floor_term))
+
+
 def rank_lower_bounds(q, w, rows, norms, q_norm, gamma):
-    """Lower bounds of `rank_keys`: each key less its worst-case error `gamma (w ||b||^2 + 2 ||q|| ||b||)`
-    (doubled, which also covers the few roundings of forming it), with norms and product allowing for
-    flushed tiny values (`norm_allowance`, `product_floor`). Padding (infinite norm) stays inf."""
+    """`bounds_of` the float32 product ("highest") for `rows` with squared norms `norms`; padding
+    (infinite norm) stays inf."""
     finite = jnp.isfinite(norms)
-    a = norm_allowance(q.shape[1], q.dtype)
-    b_norm = jnp.sqrt(jnp.where(finite, norms, 0.0)) + a
-    keys = (norms[None, :] * (w * (1.0 - 2.0 * gamma))[:, None] - 2.0 * jnp.dot(q, rows.T, precision=HIGHEST)
-            - ((4.0 * gamma * (q_norm + a))[:, None] * b_norm[None, :] + product_floor("highest", q.shape[1], q.dtype)))
+    keys = bounds_of(q, w, q_norm, gamma, "highest")(rows, norms, jnp.sqrt(jnp.where(finite, norms, 0.0)))
     return jnp.where(finite[None, :], keys, jnp.inf)
 
 
